@@ -1,0 +1,202 @@
+"""Typed configuration: one tree loaded from `params.yaml`, overridable from the command line.
+
+The same file drives the CLI, the Prefect flows and the DVC stages, so a parameter has exactly one
+home. Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from facepipe.errors import FacepipeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(Section):
+    """Where each stage reads and writes, relative to the working directory."""
+
+    raw: str = "data/raw"  # the InsightFace-layout dataset (DVC-tracked)
+    shards: str = "data/shards"  # decoded Parquet shards + pair tables
+    aligned: str = "data/aligned"  # aligned shards from image folders
+    runs: str = "runs"  # Ray Train storage_path: checkpoints and results
+    features: str = "data/features"  # cached frozen-backbone features
+    reports: str = "reports"  # evaluation JSON + PNG plots
+
+
+class SynthConfig(Section):
+    identities: int = 1000
+    images_per_identity: int = 15
+    pairs: int = 3000
+    seed: int = 0
+    size: int = 112
+    workers: int = 2
+
+
+class DecodeConfig(Section):
+    target_mb: int = 256
+    workers: int = 2
+    validate_images: bool = False
+    skip_bad: bool = False
+    color_order: Literal["RGB", "BGR"] = "RGB"
+
+
+class AlignConfig(Section):
+    template: Literal["arcface", "sphereface", "probface"] = "arcface"
+    detector_model: str | None = None
+    min_score: float = 0.6
+    workers: int = 2
+
+
+class MarginConfig(Section):
+    name: str = "cosface"
+    s: float = 30.0
+    m: float = 0.35
+    extra: dict[str, Any] = Field(default_factory=dict)  # head-specific keyword arguments
+
+
+class BackboneConfig(Section):
+    name: str = "iresnet_tiny"
+    embedding_size: int = 128
+    input_size: tuple[int, int] = (56, 56)
+    extra: dict[str, Any] = Field(default_factory=dict)  # backbone-specific keyword arguments
+
+
+class ScalingConfig(Section):
+    """Ray Train scaling and cluster address (a flow parameter on a cluster)."""
+
+    address: str | None = None  # None: start/attach a local Ray; "auto" or ray://host:10001 on a cluster
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 0.5
+    poly_power: float = 2.0
+    grad_clip: float = 5.0
+
+
+class TrainBackboneConfig(Section):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    margin: MarginConfig = Field(default_factory=MarginConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    epochs: int = 8
+    batch_size: int = 128  # per worker
+    max_minutes: float | None = None  # wall-clock cap for CPU demos
+    amp: bool = True  # only takes effect on GPU
+    partial_fc_threshold: int = 50_000  # class count above which PartialFC shards the centres
+    partial_fc_sample_rate: float = 0.3
+    checkpoint_every_steps: int = 200
+    max_failures: int = 2
+    seed: int = 0
+
+
+class TrainUncertaintyConfig(Section):
+    method: Literal["pfe", "probface", "scf"] = "probface"
+    backbone_uri: str = "models:/facepipe-backbone@champion"
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_epochs=0.0))
+    scaling: ScalingConfig = Field(default_factory=lambda: ScalingConfig(num_workers=1))
+    epochs: int = 6
+    classes_per_batch: int = 32  # P in the P x K batches of PFE/ProbFace
+    images_per_class: int = 4  # K
+    batch_size: int = 256  # SCF's plain batches
+    cache_features: bool = True
+    extra: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    rejection_rates: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3])
+    far_targets: list[float] = Field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    folds: int = 10
+    flip: bool = True
+    batch_size: int = 256
+
+
+class TrackingConfig(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "facepipe"
+    # metric used to decide whether a new version takes the `champion` alias (higher is better)
+    champion_metric: str = "accuracy"
+
+
+class Config(Section):
+    seed: int = 0
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    train_backbone: TrainBackboneConfig = Field(default_factory=TrainBackboneConfig)
+    train_uncertainty: TrainUncertaintyConfig = Field(default_factory=TrainUncertaintyConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load `params.yaml` (or `path`), then apply `a.b.c=value` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path is None and Path(DEFAULT_PARAMS).is_file():
+        path = DEFAULT_PARAMS
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise FacepipeError(f"cannot read configuration {path}: {err}") from err
+        if not isinstance(data, dict):
+            raise FacepipeError(f"configuration {path} must be a mapping at the top level")
+    for item in overrides or []:
+        _apply_override(data, item)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise FacepipeError(f"invalid configuration{f' in {path}' if path else ''}:\n{err}") from err
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise FacepipeError(f"override {item!r} must look like section.key=value")
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise FacepipeError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def dump_config(config: Config) -> str:
+    """The configuration as YAML, for logging to MLflow and writing params.yaml."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """`section.key -> value` pairs, the shape MLflow params want."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = value
+
+    walk("", config.model_dump(mode="json"))
+    return out

@@ -1,0 +1,37 @@
+"""Shared fixtures: where the shared fixture folders are, skipping clearly when they are absent.
+
+Each folder comes from an environment variable, defaulting to ../shared/fixtures/... next to the
+repository, so the same tests run on any folder of the same layout.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+def _fixture_dir(env: str, default: Path) -> Path:
+    path = Path(os.environ.get(env, default))
+    if not path.is_dir():
+        pytest.skip(f"fixture folder {path} is absent (set {env} to a folder of the same layout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def recordio_dir() -> Path:
+    return _fixture_dir("FACEPIPE_RECORDIO_FIXTURES", SHARED_FIXTURES / "recordio")
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return _fixture_dir("FACEPIPE_GOLDEN_DIR", SHARED_FIXTURES / "golden")
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    return _fixture_dir("FACEPIPE_FACES_DIR", SHARED_FIXTURES / "faces")
