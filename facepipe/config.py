@@ -88,6 +88,16 @@ class OptimConfig(Section):
     grad_clip: float = 5.0
 
 
+class LoaderConfig(Section):
+    """The training input pipeline (facepipe.data.loader)."""
+
+    workers: int = 2  # decoding threads/processes per training worker
+    mode: Literal["thread", "process"] = "thread"
+    prefetch: int = 4  # decoded batches kept ready
+    window_rows: int = 8192  # block-shuffle window (shards are label-sorted)
+    flip: bool = True
+
+
 class TrainBackboneConfig(Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     margin: MarginConfig = Field(default_factory=MarginConfig)
@@ -101,6 +111,26 @@ class TrainBackboneConfig(Section):
     partial_fc_sample_rate: float = 0.3
     checkpoint_every_steps: int = 200
     max_failures: int = 2
+    seed: int = 0
+    max_steps: int | None = None  # stop after this many optimiser steps (tests, smoke runs)
+    log_every_steps: int = 10  # per-step metrics to MLflow
+    verify_every_epoch: bool = True  # 10-fold verification on the pair tables after each epoch
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+
+
+class FinetuneConfig(Section):
+    """Triplet fine-tuning of a trained backbone with the centre term (video model, seed 003)."""
+
+    backbone_uri: str = "models:/facepipe-backbone@champion"
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_epochs=0.0))
+    scaling: ScalingConfig = Field(default_factory=lambda: ScalingConfig(num_workers=1))
+    epochs: int = 2
+    classes_per_batch: int = 16  # P
+    images_per_class: int = 4  # K
+    triplet_margin: float = 0.2  # on squared L2 distance of unit embeddings
+    centre_weight: float = 0.01  # λ_c of the centre term, times the margin head's scale s
+    hardest: bool = True  # batch-hard mining; False: all semi-hard triplets
+    max_steps: int | None = None
     seed: int = 0
 
 
@@ -116,6 +146,7 @@ class TrainUncertaintyConfig(Section):
     cache_features: bool = True
     extra: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
+    max_steps: int | None = None
 
 
 class EvalConfig(Section):
@@ -131,6 +162,7 @@ class TrackingConfig(Section):
     experiment: str = "facepipe"
     # metric used to decide whether a new version takes the `champion` alias (higher is better)
     champion_metric: str = "accuracy"
+    artifact_location: str | None = None  # None: MLflow's default (./mlruns); a folder or s3:// URI
 
 
 class Config(Section):
@@ -141,6 +173,7 @@ class Config(Section):
     align: AlignConfig = Field(default_factory=AlignConfig)
     train_backbone: TrainBackboneConfig = Field(default_factory=TrainBackboneConfig)
     train_uncertainty: TrainUncertaintyConfig = Field(default_factory=TrainUncertaintyConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

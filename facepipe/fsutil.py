@@ -24,6 +24,8 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates 0600; a finished file gets the permissions a plain open() would give it
+    os.chmod(tmp_path, 0o666 & ~_current_umask())
     try:
         yield tmp_path
         if fsync and tmp_path.exists():
@@ -34,6 +36,12 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -1,0 +1,112 @@
+"""Benchmark: uncertainty-head epoch time with the feature cache vs recomputing the frozen backbone.
+
+    python bench/head.py [--shards DIR] [--images 4000] [--method probface] [--backbone iresnet_tiny]
+
+Both runs train the same head on the same P×K plan with the same step code (`head_loss`); one reads
+(embedding, conv map) rows from the cache shards, the other decodes the images and runs the frozen
+backbone for every batch. Prints one JSON object: `cache_epoch_s`, `recompute_epoch_s`, `speedup`
+(goal >= 5) and the one-off `cache_build_s`. Without --shards it writes synthetic JPEG shards first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def epoch_seconds(
+    source, units, method_name: str, map_shape, emb_size: int, centres, pk, batch: int
+) -> float:
+    import torch
+
+    from facepipe.train.uncertainty import build_head_model, epoch_plan, head_loss, unit_labels, windows
+    from facepipe.uncertainty import get_method
+
+    torch.manual_seed(0)
+    method = get_method(method_name)
+    model = build_head_model(method_name, map_shape, emb_size, {})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    labels = unit_labels(units)
+    plan = epoch_plan(labels, windows(units, 8192), 0, 0, 0, 1, pk, batch)
+    t0 = time.perf_counter()
+    for pairs in plan:
+        loss, _ = head_loss(model, method, *source.batch(pairs), centres)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=Path, default=None)
+    parser.add_argument("--images", type=int, default=4000)
+    parser.add_argument("--method", default="probface", choices=["pfe", "probface", "scf"])
+    parser.add_argument("--backbone", default="iresnet_tiny")
+    parser.add_argument("--input-size", type=int, default=56)
+    args = parser.parse_args()
+
+    import torch
+
+    from bench.loader import write_shards
+    from facepipe.data.loader import shard_units
+    from facepipe.models.registry import build_backbone
+    from facepipe.train.checkpoint import BundleInfo, save_bundle
+    from facepipe.train.features import cache_features, cache_info, cached_shards
+    from facepipe.train.uncertainty import CachedFeatures, RecomputedFeatures, unit_labels
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.shards:
+            from facepipe.data.shards import list_shards
+
+            paths = list_shards(args.shards)
+        else:
+            paths = write_shards(tmp / "shards", args.images)
+        size = (args.input_size, args.input_size)
+        kwargs = {"embedding_size": 128, "input_size": list(size)}
+        backbone = build_backbone(args.backbone, **kwargs).eval()
+        num_classes = int(max(labels.max() for labels in unit_labels(shard_units(paths)))) + 1
+        centres = torch.randn(num_classes, 128)
+        info = BundleInfo(args.backbone, kwargs, 128, size, "RGB", num_classes)
+        save_bundle(tmp / "bundle", backbone, info, centres)
+
+        t0 = time.perf_counter()
+        cache_dir = cache_features(backbone, paths, tmp / "cache", size, "RGB", "bench")
+        build = time.perf_counter() - t0
+        meta = cache_info(cache_dir)
+        map_shape = tuple(meta["map_shape"])
+        pk = (32, 4) if args.method != "scf" else None
+        cache_units = shard_units(cached_shards(cache_dir))
+        image_units = shard_units(paths)
+        cached = CachedFeatures(cache_units, map_shape)
+        recomputed = RecomputedFeatures(image_units, backbone, size, "RGB")
+        weights = centres if args.method == "scf" else None
+        cache_s = epoch_seconds(cached, cache_units, args.method, map_shape, 128, weights, pk, 128)
+        recompute_s = epoch_seconds(recomputed, image_units, args.method, map_shape, 128, weights, pk, 128)
+        rows = sum(u.rows for u in image_units)
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "backbone": args.backbone,
+                "input_size": args.input_size,
+                "images": rows,
+                "cache_build_s": round(build, 2),
+                "cache_epoch_s": round(cache_s, 3),
+                "recompute_epoch_s": round(recompute_s, 3),
+                "speedup": round(recompute_s / cache_s, 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

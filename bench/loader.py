@@ -1,0 +1,140 @@
+"""Benchmark: the training input pipeline vs a plain two-process decode loop over the same shards.
+
+    python bench/loader.py [--shards DIR] [--images 6000] [--batch 128] [--workers 2]
+
+Prints one JSON object: `images_s` (ShardLoader, default mode, an epoch of shuffled, flipped,
+normalised float batches), `baseline_images_s` (two processes, each: pyarrow row-group read,
+cv2.imdecode, flip, normalise to float32, over the same shards in the same run), their `ratio`
+(goal >= 0.9), and the other loader mode's rate for reference. Without --shards it writes
+synthetic 112x112 JPEG shards to a temp dir first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def write_shards(
+    out: Path, images: int, size: int = 112, per_shard: int = 2000, row_group: int = 500
+) -> list[Path]:
+    import cv2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    out.mkdir(parents=True, exist_ok=True)
+    base = cv2.GaussianBlur(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), (0, 0), 3)
+    paths = []
+    for start in range(0, images, per_shard):
+        n = min(per_shard, images - start)
+        blobs = []
+        for i in range(n):
+            img = np.roll(base, (start + i) % size, axis=1)
+            img = cv2.add(img, rng.integers(0, 40, img.shape, dtype=np.uint8))
+            blobs.append(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+        table = pa.table(
+            {
+                "key": pa.array(np.arange(start, start + n), pa.int64()),
+                "label": pa.array(np.arange(start, start + n) // 10, pa.int64()),
+                "image": pa.array(blobs, pa.binary()),
+            }
+        )
+        path = out / f"part-{start // per_shard:05d}.parquet"
+        pq.write_table(table, path, row_group_size=row_group, compression="none")
+        paths.append(path)
+    return paths
+
+
+def _baseline_part(units: list[tuple[str, int]]) -> int:
+    import cv2
+    import pyarrow.parquet as pq
+
+    count = 0
+    for path, rg in units:
+        column = pq.ParquetFile(path).read_row_group(rg, columns=["image", "label"]).column("image")
+        for blob in column.to_pylist():
+            img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+            img = img[:, ::-1] if count % 2 else img
+            x = (img.astype(np.float32) - 127.5) / 128.0
+            count += int(x.shape[0] > 0)
+    return count
+
+
+def baseline(paths: list[Path]) -> float:
+    from facepipe.data.loader import shard_units
+
+    units = [(u.path, u.row_group) for u in shard_units(paths)]
+    parts = [units[0::2], units[1::2]]
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.map(_baseline_part, [[], []])  # start-up outside the timing
+        t0 = time.perf_counter()
+        total = sum(pool.map(_baseline_part, parts))
+        return total / (time.perf_counter() - t0)
+
+
+def loader_rate(paths: list[Path], batch: int, workers: int, mode: str, size: int) -> float:
+    from facepipe.data.loader import ShardLoader
+
+    with ShardLoader(paths, batch, (size, size), workers=workers, mode=mode, prefetch=4) as loader:
+        next(iter(loader.epoch(99)))  # warm-up (pool start) outside the timing
+        t0 = time.perf_counter()
+        n = sum(len(b.labels) for b in loader.epoch(0))
+        return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=Path, default=None)
+    parser.add_argument("--images", type=int, default=6000)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.shards:
+            from facepipe.data.shards import list_shards
+
+            paths = list_shards(args.shards)
+        else:
+            paths = write_shards(Path(tmp), args.images)
+        from facepipe.data.loader import shard_units
+
+        size = 112
+        import cv2
+        import pyarrow.parquet as pq
+
+        first = pq.ParquetFile(paths[0]).read_row_group(0, columns=["image"]).column("image")[0].as_py()
+        size = cv2.imdecode(np.frombuffer(first, np.uint8), cv2.IMREAD_COLOR).shape[0]
+        # interleave the runs so load from elsewhere on the machine hits both alike; keep the best
+        base, thread, process = [], [], []
+        for _ in range(args.repeats):
+            base.append(baseline(paths))
+            thread.append(loader_rate(paths, args.batch, args.workers, "thread", size))
+            process.append(loader_rate(paths, args.batch, args.workers, "process", size))
+        rows = sum(u.rows for u in shard_units(paths))
+    out = {
+        "images": rows,
+        "image_size": size,
+        "batch": args.batch,
+        "workers": args.workers,
+        "images_s": round(max(thread), 1),
+        "baseline_images_s": round(max(base), 1),
+        "ratio": round(max(thread) / max(base), 3),
+        "process_mode_images_s": round(max(process), 1),
+        "process_mode_ratio": round(max(process) / max(base), 3),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

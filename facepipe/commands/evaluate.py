@@ -1,0 +1,172 @@
+"""`facepipe evaluate`: verification / risk / IJB-style metrics and plots from a features file.
+
+    facepipe evaluate --features FEATS.npz [--pairs PAIRS.parquet] [--uncertainty KIND] --out DIR
+    facepipe evaluate --templates IJB.npz --out DIR
+
+The features format is documented in :mod:`facepipe.eval.features`; an IJB-style templates NPZ holds
+``embeddings`` (N, D), optional ``flipped`` and ``faceness``, ``templates`` and ``medias`` (N,), the
+pair list ``p1``, ``p2``, ``label`` and, for ``--fusion pfe|probface|scf``, ``uncertainty`` (N,) or
+(N, D): σ² for PFE/ProbFace, 1/κ for SCF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from facepipe.errors import DataError, FacepipeError
+
+log = logging.getLogger("facepipe.evaluate")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="verification, risk-controlled and IJB-style metrics + plots from precomputed features",
+        description=(
+            "Score a features file against its pair table with the InsightFace 10-fold protocol, TAR@FAR, "
+            "the uncertainty-aware score and risk-controlled accuracy (when the file has uncertainty), or "
+            "an IJB-style templates file; writes DIR/metrics.json and PNG plots (ROC, DET, accuracy vs "
+            "rejection, uncertainty histograms by degradation level)."
+        ),
+    )
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--features", type=Path, help="per-image features (.npz or .parquet), pair order")
+    src.add_argument("--templates", type=Path, help="IJB-style templates .npz (images, templates, pairs)")
+    parser.add_argument("--pairs", type=Path, help="pair table (.parquet with issame, fold)")
+    parser.add_argument(
+        "--uncertainty",
+        choices=["auto", "none", "sigma_sq", "inv_kappa"],
+        default="auto",
+        help="what the file's 'uncertainty' holds (auto: the file's 'kind', else sigma_sq; none: ignore it)",
+    )
+    parser.add_argument(
+        "--rejection", default="0,0.1,0.2,0.3", help="rejection rates (default 0,0.1,0.2,0.3)"
+    )
+    parser.add_argument(
+        "--fusion",
+        choices=["insightface", "pfe", "probface", "scf"],
+        default="insightface",
+        help="template fusion for --templates (pfe/probface/scf need 'uncertainty' in the file)",
+    )
+    parser.add_argument("--folds", type=int, default=10, help="k of the k-fold protocol (default 10)")
+    parser.add_argument("--name", default=None, help="name shown in plots (default: the pair table's stem)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.set_defaults(func=run)
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise FacepipeError(f"--rejection must be comma-separated numbers: {text!r}") from err
+    if not rates or any(not 0.0 <= r < 1.0 for r in rates):
+        raise FacepipeError(f"--rejection rates must lie in [0, 1): {text!r}")
+    return rates
+
+
+def run(args: argparse.Namespace) -> int:
+    from facepipe.progress import summary
+
+    if args.features is not None:
+        metrics, paths = _run_pairs(args)
+        head = {
+            "accuracy": f"{metrics['insightface']['accuracy']:.5f} ± {metrics['insightface']['std']:.5f}",
+            "VAL@FAR=1e-3": f"{metrics['insightface']['val']:.5f}",
+        }
+    else:
+        metrics, paths = _run_templates(args)
+        head = {f"TAR@FAR={k}": f"{v:.4f}" for k, v in metrics["tar_at_far_nearest"].items()}
+    lines = head | {p.name: str(p) for p in paths}
+    print(summary(f"facepipe evaluate: wrote {len(paths)} files to {args.out}", lines))
+    return 0
+
+
+def _run_pairs(args: argparse.Namespace):
+    from facepipe.eval.features import load_pair_features
+    from facepipe.eval.report import evaluate_pair_features
+
+    if args.pairs is not None and not args.pairs.is_file():
+        raise DataError("pair table not found", path=args.pairs)
+    features = load_pair_features(args.features, args.pairs)
+    if args.uncertainty == "none":
+        features.uncertainty = None
+    elif args.uncertainty != "auto":
+        features.kind = args.uncertainty
+    name = args.name or (args.pairs.stem if args.pairs else args.features.stem)
+    log.info("evaluating %d pairs of %s", features.n_pairs, name)
+    try:
+        return evaluate_pair_features(features, args.out, name, _rates(args.rejection), args.folds)
+    except ValueError as err:
+        raise FacepipeError(f"{args.features}: {err}") from err
+
+
+def _run_templates(args: argparse.Namespace):
+    import numpy as np
+
+    from facepipe.eval.ijb import aggregate_insightface, verify_templates
+    from facepipe.eval.report import plot_det, plot_roc, write_metrics
+
+    path = args.templates
+    if not path.is_file():
+        raise DataError("templates file not found", path=path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read templates file: {err}", path=path) from err
+    missing = [k for k in ("embeddings", "templates", "medias", "p1", "p2", "label") if k not in data]
+    if missing:
+        raise DataError(f"templates file lacks {missing}", path=path)
+    try:
+        if args.fusion == "insightface":
+            feats, uniq = aggregate_insightface(
+                data["embeddings"],
+                data["templates"],
+                data["medias"],
+                data.get("flipped"),
+                data.get("faceness"),
+            )
+            res = verify_templates(feats, uniq, data["p1"], data["p2"], data["label"])
+        else:
+            res, uniq = _fused_templates(args.fusion, data, path)
+    except ValueError as err:
+        raise DataError(str(err), path=path) from err
+    name = args.name or path.stem
+    metrics = {"name": name, "fusion": args.fusion, "n_templates": int(uniq.shape[0]), **res.metrics()}
+    out = Path(args.out)
+    label = (
+        "cosine (InsightFace templates)" if args.fusion == "insightface" else f"{args.fusion} fusion + score"
+    )
+    paths = [
+        write_metrics(out, metrics),
+        plot_roc({label: (res.fpr, res.tpr)}, out / "roc.png", f"{name}: template ROC"),
+        plot_det({label: (res.fpr, res.tpr)}, out / "det.png", f"{name}: template DET"),
+    ]
+    return metrics, paths
+
+
+def _fused_templates(method: str, data: dict, path: Path):
+    """Templates fused by an uncertainty method's own ``fuse`` and scored by its ``pair_score``."""
+    import importlib
+
+    import numpy as np
+
+    from facepipe.eval.ijb import aggregate_with, verify_templates
+    from facepipe.eval.scoring import numpy_callable
+    from facepipe.eval.verification import l2_normalize
+
+    if "uncertainty" not in data:
+        raise DataError(f"--fusion {method} needs an 'uncertainty' array (σ², or 1/κ for scf)", path=path)
+    module = importlib.import_module(f"facepipe.uncertainty.{method}")
+    emb = data["embeddings"] if data.get("flipped") is None else data["embeddings"] + data["flipped"]
+    mu = l2_normalize(emb)
+    unc = np.asarray(data["uncertainty"], dtype=np.float64).reshape(mu.shape[0], -1)
+    if method == "scf":
+        unc = 1.0 / unc  # the file stores 1/κ; SCF fuses and scores with κ
+    mu_t, unc_t, uniq = aggregate_with(mu, unc, data["templates"], numpy_callable(module.fuse))
+    res = verify_templates(
+        mu_t, uniq, data["p1"], data["p2"], data["label"], numpy_callable(module.pair_score), unc_t
+    )
+    return res, uniq

@@ -1,0 +1,87 @@
+"""`facepipe register`: register a trained model in MLflow, or show / move a model's aliases.
+
+    facepipe register backbone RUNS/NAME/checkpoint_.../bundle --metrics reports/metrics.json
+    facepipe register probface BUNDLE --head HEAD_DIR --metric accuracy=0.97
+    facepipe register backbone --show
+    facepipe register backbone --champion 3
+
+A new version gets the alias `challenger`; it takes `champion` when it beats the current champion on
+`tracking.champion_metric`. The training stages do this themselves; this command is for models trained
+elsewhere, re-registration after an evaluation, or a manual promotion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from facepipe.errors import FacepipeError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "register",
+        help="register a model in MLflow (challenger / champion aliases) or show aliases",
+        description="Register a backbone bundle (and uncertainty head) in the MLflow model registry.",
+    )
+    parser.add_argument("stage", choices=["backbone", "pfe", "probface", "scf"])
+    parser.add_argument("source", nargs="?", help="bundle folder (or a checkpoint holding one)")
+    parser.add_argument("--head", default=None, help="uncertainty head folder (pfe/probface/scf)")
+    parser.add_argument("--metrics", type=Path, default=None, help="JSON file of metrics (flat)")
+    parser.add_argument("--metric", action="append", default=[], metavar="NAME=VALUE", help="a metric")
+    parser.add_argument("--show", action="store_true", help="list versions and aliases")
+    parser.add_argument("--champion", default=None, metavar="VERSION", help="give VERSION the champion alias")
+    parser.add_argument("--config", default=None, help="parameters file (default: ./params.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from facepipe import tracking
+    from facepipe.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    name = tracking.MODEL_NAMES[args.stage]
+    mlc = tracking.client(config.tracking)
+    if args.champion:
+        mlc.set_registered_model_alias(name, tracking.CHAMPION, str(args.champion))
+        print(f"{name}: champion -> version {args.champion}")
+        return 0
+    if args.show:
+        for version in mlc.search_model_versions(f"name='{name}'"):
+            aliases = ",".join(getattr(version, "aliases", []) or [])
+            metric = version.tags.get(tracking.METRIC_TAG + config.tracking.champion_metric, "-")
+            print(f"{name} v{version.version}  {config.tracking.champion_metric}={metric}  {aliases}")
+        return 0
+    if not args.source:
+        raise FacepipeError("give a bundle folder to register (or --show / --champion VERSION)")
+    metrics: dict[str, float] = {}
+    if args.metrics:
+        try:
+            loaded = json.loads(args.metrics.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise FacepipeError(f"cannot read metrics {args.metrics}: {err}") from err
+        metrics.update({k: float(v) for k, v in loaded.items() if isinstance(v, int | float)})
+    for item in args.metric:
+        key, sep, value = item.partition("=")
+        try:
+            metrics[key] = float(value)
+        except ValueError:
+            raise FacepipeError(f"--metric {item!r} must look like name=number") from None
+        if not sep:
+            raise FacepipeError(f"--metric {item!r} must look like name=number")
+    if args.stage != "backbone" and not args.head:
+        raise FacepipeError(f"{args.stage} needs --head (the trained uncertainty head folder)")
+    run_id = tracking.start_run(config, f"register-{args.stage}", None, "tracking", f"register-{args.stage}")
+    tracking.log_metrics(config.tracking, run_id, metrics)
+    u_size = None
+    if args.head:
+        meta = json.loads(next(Path(args.head).rglob("head.json")).read_text())
+        u_size = meta["embedding_size"] if args.stage == "pfe" else 1
+    out = tracking.log_and_register(
+        config.tracking, run_id, args.stage, args.source, metrics, head_dir=args.head, uncertainty_size=u_size
+    )
+    tracking.end_run(config.tracking, run_id)
+    print(f"{out['name']} v{out['version']}: challenger{' + champion' if out['champion'] else ''}")
+    return 0

@@ -1,0 +1,126 @@
+"""`facepipe decode`: InsightFace `.rec`/`.idx`/`property` + `*.bin` folders → Parquet shards + manifest.
+
+The steps, each in its own module:
+- `decode_plan`: cut each source's image records (by `.idx` offset) into shard-sized key ranges;
+- `decode_worker.convert_range`: one range → one shard (a top-level function: a process or a Ray task);
+- `decode_runner`: run the ranges here, in a local process pool, or through a given runner;
+- `decode_resume`: done-markers, so a rerun after a crash skips finished ranges; cached source hashes;
+- `decode_pairs`: the verification `.bin` files → pair tables;
+- `decode_manifest`: the manifest and the rejects table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from facepipe.data.decode_manifest import build_manifest, source_files, write_rejects
+from facepipe.data.decode_pairs import write_pairs
+from facepipe.data.decode_plan import build_plan, dataset_ids, plan_ranges
+from facepipe.data.decode_resume import DONE_DIR, SourceHasher, remove_outside_plan
+from facepipe.data.decode_runner import Runner, run_tasks
+from facepipe.data.decode_worker import convert_range
+from facepipe.data.insightface import TrainingSet
+from facepipe.errors import DataError
+from facepipe.fsutil import clean_stale_temps
+
+__all__ = ["decode_dataset", "plan_ranges", "convert_range", "DONE_DIR", "Runner"]
+
+
+def decode_dataset(
+    sources: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    target_bytes: int = 256 << 20,
+    workers: int = 1,
+    validate: bool = False,
+    skip_bad: bool = False,
+    color_order: str = "RGB",
+    row_group_bytes: int | None = None,
+    runner: Runner | None = None,
+) -> dict:
+    """Convert InsightFace dataset folders into Parquet shards, pair tables and a manifest.
+
+    `runner(convert_range, tasks)`, if given, runs the range tasks instead of the local process pool and
+    yields their results in any order; on a Ray cluster, for instance::
+
+        remote = ray.remote(convert_range)
+        runner = lambda fn, tasks: ray.get([remote.remote(t) for t in tasks])
+
+    Several sources become one training set with disjoint label ranges (source i's labels are offset
+    by the class counts of sources 0..i-1). Returns the manifest (also written to OUT/manifest.json).
+    """
+    from facepipe.data.shards import DEFAULT_ROW_GROUP_BYTES, write_manifest
+
+    if color_order not in ("RGB", "BGR"):
+        raise DataError(f"colour order must be RGB or BGR, not {color_order!r}")
+    if not sources:
+        raise DataError("no source given")
+    if target_bytes <= 0:
+        raise DataError("target shard size must be positive")
+    row_group_bytes = int(row_group_bytes or min(DEFAULT_ROW_GROUP_BYTES, target_bytes))
+    out = Path(out_dir)
+    srcs = [Path(s) for s in sources]
+    ids = dataset_ids(srcs)
+    for directory in (out, out / "train", out / "pairs", out / DONE_DIR):
+        directory.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(directory)
+
+    plan = build_plan(srcs, ids, out, target_bytes, row_group_bytes, validate, skip_bad)
+    image_size = _common_image_size(plan.sets)
+    remove_outside_plan(out, len(plan.tasks))
+    pairs, pair_rejects, pair_inputs = write_pairs(plan.sets, ids, out, validate, skip_bad)
+
+    # The source hashes overlap the conversion: a thread reading and hashing releases the GIL.
+    hasher = SourceHasher(source_files(plan.sets, plan.sources) + pair_inputs, out / DONE_DIR)
+    hasher.start()
+    try:
+        results = run_tasks(plan.tasks, workers, runner)
+    except BaseException:
+        hasher.stop.set()
+        raise
+    hashes = hasher.wait()
+
+    rejects = [r for result in results for r in result["rejects"]] + pair_rejects
+    rejects_written = write_rejects(out, rejects, keep_file=skip_bad)
+    manifest = build_manifest(
+        results=results,
+        source_entries=plan.sources,
+        sets=plan.sets,
+        pairs=pairs,
+        hashes=hashes,
+        rejects_count=len(rejects),
+        rejects_written=rejects_written,
+        image_size=image_size,
+        color_order=color_order,
+        settings={
+            "target_bytes": int(target_bytes),
+            "row_group_bytes": row_group_bytes,
+            "validate": bool(validate),
+            "skip_bad": bool(skip_bad),
+        },
+    )
+    write_manifest(out, manifest)
+    manifest["_run"] = {"skipped_shards": sum(1 for r in results if r.get("skipped"))}
+    return manifest
+
+
+def _common_image_size(sets: list[TrainingSet]) -> tuple[int, int] | None:
+    """The sources' one image size (from `property`, else from decoding their first image)."""
+    sizes = {ts.image_size or _probe_image_size(ts) for ts in sets} - {None}
+    if len(sizes) > 1:
+        raise DataError(f"sources have different image sizes {sorted(sizes)}; align them first")
+    return sizes.pop() if sizes else None
+
+
+def _probe_image_size(ts: TrainingSet) -> tuple[int, int] | None:
+    from facepipe.data.decode_parse import decode_or_none
+    from facepipe.data.recordio import IndexedRecordFile
+
+    if ts.num_images == 0:
+        return None
+    with IndexedRecordFile(ts.rec_path, ts.idx_path) as rec:
+        _, payload = rec.read_header(int(ts.image_keys[0]))
+    pixels = decode_or_none(payload) if payload else None
+    return None if pixels is None else (int(pixels.shape[0]), int(pixels.shape[1]))

@@ -1,0 +1,106 @@
+"""sha256 of a file straight from a memory mapping: no copy out of the page cache, flat memory."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import threading
+
+__all__ = ["sha256_mapped"]
+
+
+def sha256_mapped(
+    path: str | os.PathLike, stop: threading.Event | None = None, window: int = 2 << 20
+) -> str | None:
+    """Hex sha256 of the file, hashed one mapped `window` at a time, each window dropped from this
+    process after use (so resident memory stays at one window); None if `stop` was set midway."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return digest.hexdigest()
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for start in range(0, size, window):
+                if stop is not None and stop.is_set():
+                    return None
+                span = min(window, size - start)
+                mm.madvise(mmap.MADV_WILLNEED, start, span)
+                with memoryview(mm)[start : start + span] as view:
+                    digest.update(view)  # releases the GIL
+                mm.madvise(mmap.MADV_DONTNEED, start, span)
+    return digest.hexdigest()
+
+
+class AppendHasher(threading.Thread):
+    """sha256 of a file that another writer only appends to, hashed a step behind it.
+
+    The writer calls `advance(size)` whenever it has written up to `size` bytes (bytes before that are
+    final: Parquet never seeks back); this thread hashes the new stretch from the page cache through a
+    mapping, overlapping with the writer encoding what comes next. `finish(size)` returns the digest.
+    """
+
+    def __init__(self, path: str | os.PathLike, window: int = 4 << 20):
+        super().__init__(name="shard-hasher", daemon=True)
+        self._fd = os.open(path, os.O_RDONLY)
+        self._window = window
+        self._digest = hashlib.sha256()
+        self._hashed = 0
+        self._target = 0
+        self._final = False
+        self._cancelled = False
+        self._error: BaseException | None = None
+        self._wake = threading.Condition()
+        self.start()
+
+    def advance(self, size: int, final: bool = False) -> None:
+        with self._wake:
+            self._target = max(self._target, size)
+            self._final = self._final or final
+            self._wake.notify()
+
+    def run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while self._target <= self._hashed and not (self._final or self._cancelled):
+                        self._wake.wait()
+                    if self._cancelled or (self._final and self._target <= self._hashed):
+                        return
+                    target = self._target
+                self._hash_until(target)
+        except BaseException as err:  # noqa: BLE001 - re-raised by finish()
+            self._error = err
+
+    def _hash_until(self, end: int) -> None:
+        while self._hashed < end:
+            start = self._hashed
+            base = start - start % mmap.ALLOCATIONGRANULARITY  # mapping offsets must be aligned
+            stop = min(end, start + self._window)
+            mm = mmap.mmap(self._fd, stop - base, access=mmap.ACCESS_READ, offset=base)
+            with mm, memoryview(mm)[start - base :] as view:
+                self._digest.update(view)  # releases the GIL
+            self._hashed = stop
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def finish(self, size: int) -> str:
+        """Hash up to `size` (the complete file) and return the hex digest."""
+        self.advance(size, final=True)
+        self.join()
+        self._close_fd()
+        if self._error is not None:
+            raise self._error
+        if self._hashed != size:
+            raise OSError(f"hashed {self._hashed} of {size} bytes")
+        return self._digest.hexdigest()
+
+    def cancel(self) -> None:
+        with self._wake:
+            self._cancelled = True
+            self._wake.notify()
+        self.join()
+        self._close_fd()

@@ -1,0 +1,273 @@
+"""Evaluation reports: one metrics JSON plus PNG plots (the same files training logs to MLflow).
+
+Plots (matplotlib, Agg backend), each written atomically:
+- ``roc.png``: TAR vs FAR with a log FAR axis, one curve per score (cosine, MLS, ...);
+- ``det.png``: FNMR vs FMR, both axes log (the DET view of the same ROC);
+- ``risk.png``: verification accuracy vs the fraction of most-uncertain pairs rejected;
+- ``uncertainty_hist.png``: σ² (or 1/κ) histograms split by the sample's degradation level
+  (clean < 0.3 ≤ mid ≤ 0.7 < degraded).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from facepipe.fsutil import atomic_path, write_json_atomic
+
+DEGRADATION_BINS = (("clean (<0.3)", 0.0, 0.3), ("mid (0.3-0.7)", 0.3, 0.7), ("degraded (>0.7)", 0.7, 1.0))
+UNCERTAINTY_LABELS = {"sigma_sq": "σ² (larger = less certain)", "inv_kappa": "1/κ (larger = less certain)"}
+
+
+def _figure(width: float = 6.4, height: float = 4.8):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width, height), dpi=120)
+    return plt, fig, ax
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_roc(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """TAR vs FAR, log FAR axis from the smallest non-zero FAR (at least 1e-6) to 1."""
+    plt, fig, ax = _figure()
+    lo = 1.0
+    for name, (fpr, tpr) in curves.items():
+        fpr, tpr = np.asarray(fpr), np.asarray(tpr)
+        nz = fpr > 0
+        if nz.any():
+            lo = min(lo, float(fpr[nz].min()))
+        ax.plot(np.where(nz, fpr, np.nan), tpr, lw=1.5, label=name)
+    ax.set_xscale("log")
+    ax.set_xlim(min(max(lo, 1e-6), 0.1), 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("False accept rate (FAR, log scale)")
+    ax.set_ylabel("True accept rate (TAR)")
+    ax.set_title(title or "ROC")
+    ax.grid(True, which="both", ls=":", lw=0.6)
+    ax.legend(loc="lower right")
+    return _save(plt, fig, Path(path))
+
+
+def plot_det(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """FNMR vs FMR on log-log axes."""
+    plt, fig, ax = _figure()
+    lo_x, lo_y = 1.0, 1.0
+    for name, (fpr, tpr) in curves.items():
+        fpr, fnr = np.asarray(fpr), 1.0 - np.asarray(tpr)
+        ok = (fpr > 0) & (fnr > 0)
+        if ok.any():
+            lo_x, lo_y = min(lo_x, float(fpr[ok].min())), min(lo_y, float(fnr[ok].min()))
+        ax.plot(np.where(ok, fpr, np.nan), np.where(ok, fnr, np.nan), lw=1.5, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(min(max(lo_x, 1e-6), 0.1), 1.0)
+    ax.set_ylim(min(max(lo_y, 1e-4), 0.1), 1.0)
+    ax.set_xlabel("False match rate (FMR, log scale)")
+    ax.set_ylabel("False non-match rate (FNMR, log scale)")
+    ax.set_title(title or "DET")
+    ax.grid(True, which="both", ls=":", lw=0.6)
+    ax.legend(loc="upper right")
+    return _save(plt, fig, Path(path))
+
+
+def plot_risk(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """Accuracy (%) vs rejection rate (%); ``curves[name] = (rejection_rates, accuracy)``."""
+    plt, fig, ax = _figure()
+    for name, (rates, acc) in curves.items():
+        ax.plot(
+            100 * np.asarray(rates), 100 * np.asarray(acc, dtype=np.float64), marker="o", lw=1.5, label=name
+        )
+    ax.set_xlabel("Most uncertain pairs rejected (%)")
+    ax.set_ylabel("10-fold verification accuracy on kept pairs (%)")
+    ax.set_title(title or "Risk-controlled accuracy")
+    ax.grid(True, ls=":", lw=0.6)
+    ax.legend(loc="lower right")
+    return _save(plt, fig, Path(path))
+
+
+def plot_uncertainty_hist(
+    uncertainty: np.ndarray,
+    degradation: np.ndarray | None,
+    path: str | os.PathLike,
+    kind: str = "sigma_sq",
+    title: str = "",
+) -> Path:
+    """Histogram of per-image uncertainty, one series per degradation bin (log x when it spans decades)."""
+    u = np.asarray(uncertainty, dtype=np.float64).reshape(uncertainty.shape[0], -1).mean(axis=1)
+    plt, fig, ax = _figure()
+    positive = u[u > 0]
+    log_x = positive.size > 0 and positive.max() / positive.min() > 30
+    lo, hi = (positive.min(), positive.max()) if positive.size else (0.0, 1.0)
+    edges = np.geomspace(lo, hi, 41) if log_x else np.linspace(u.min(), u.max() + 1e-12, 41)
+    if degradation is None:
+        groups = [("all images", np.ones(u.shape[0], dtype=bool))]
+    else:
+        d = np.asarray(degradation, dtype=np.float64).reshape(-1)
+        groups = [
+            (DEGRADATION_BINS[0][0], d < 0.3),
+            (DEGRADATION_BINS[1][0], (d >= 0.3) & (d <= 0.7)),
+            (DEGRADATION_BINS[2][0], d > 0.7),
+        ]
+    for name, mask in groups:
+        if mask.any():
+            ax.hist(
+                u[mask], bins=edges, alpha=0.5, histtype="stepfilled", label=f"{name}, n={int(mask.sum())}"
+            )
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(UNCERTAINTY_LABELS.get(kind, kind) + (" (log scale)" if log_x else ""))
+    ax.set_ylabel("Images")
+    ax.set_title(title or "Uncertainty by degradation level")
+    ax.grid(True, ls=":", lw=0.6)
+    ax.legend(loc="best")
+    return _save(plt, fig, Path(path))
+
+
+def write_metrics(out_dir: str | os.PathLike, metrics: dict, name: str = "metrics.json") -> Path:
+    """Write the metrics JSON atomically (numpy values become plain numbers)."""
+    path = Path(out_dir) / name
+    write_json_atomic(path, _plain(metrics))
+    return path
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole pair-table report (what `facepipe evaluate` and the training stages produce)
+# ---------------------------------------------------------------------------------------------
+
+
+def _uncertainty_score(features, fused: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """The uncertainty-aware pair score that fits the stored uncertainty, or None."""
+    from facepipe.eval.scoring import mls_rows, mls_scalar_from_cos, numpy_callable
+
+    u = features.uncertainty
+    if u is None:
+        return None
+    u = u.reshape(u.shape[0], -1).astype(np.float64)
+    cos = np.einsum("ij,ij->i", fused[0::2], fused[1::2])
+    if features.kind == "inv_kappa":
+        try:
+            from facepipe.uncertainty.scf import pair_score
+        except ImportError:
+            return None
+        kappa = 1.0 / u[:, 0]
+        return "scf", np.asarray(
+            numpy_callable(pair_score)(fused[0::2], kappa[0::2], fused[1::2], kappa[1::2])
+        )
+    if u.shape[1] == 1:
+        return "mls_probface", mls_scalar_from_cos(cos, u[0::2, 0], u[1::2, 0])
+    if u.shape[1] != fused.shape[1]:
+        raise ValueError(f"per-dimension uncertainty has {u.shape[1]} dims, embeddings {fused.shape[1]}")
+    return "mls_pfe", mls_rows(fused[0::2], u[0::2], fused[1::2], u[1::2])
+
+
+def evaluate_pair_features(
+    features,
+    out_dir: str | os.PathLike,
+    name: str = "verification",
+    rejection_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3),
+    n_folds: int = 10,
+) -> tuple[dict, list[Path]]:
+    """Verification report of a :class:`facepipe.eval.features.PairFeatures`: metrics JSON + PNGs.
+
+    Metrics: the InsightFace protocol (accuracy ± std, per-fold thresholds, VAL@FAR=1e-3), TAR at
+    FAR over all pairs, and when uncertainty is present the uncertainty-aware score's k-fold
+    accuracy and ROC, plus risk-controlled accuracy (cosine and uncertainty-aware) per rejection rate.
+    """
+    from facepipe.eval.ijb import tar_at_far
+    from facepipe.eval.risk import pair_uncertainty, risk_controlled_accuracy
+    from facepipe.eval.verification import evaluate_embeddings, flip_fuse, kfold_accuracy_scores
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ver = evaluate_embeddings(features.embeddings, features.issame, features.flipped, n_folds)
+    fused = flip_fuse(features.embeddings, features.flipped)
+    cos = np.einsum("ij,ij->i", fused[0::2], fused[1::2])
+    roc_cos = tar_at_far(cos, features.issame)
+    metrics: dict = {
+        "name": name,
+        "n_pairs": features.n_pairs,
+        "n_genuine": int(features.issame.sum()),
+        "insightface": ver.metrics(),
+        "cosine": roc_cos.metrics(),
+    }
+    if features.fold is not None:
+        # the protocol's folds are sklearn KFold slices; say whether the table's fold column agrees
+        from facepipe.eval.verification import kfold_slices
+
+        expected = np.empty(features.n_pairs, dtype=np.int64)
+        for f, sl in enumerate(kfold_slices(features.n_pairs, n_folds)):
+            expected[sl] = f
+        metrics["fold_column_matches_protocol"] = bool(np.array_equal(expected, features.fold))
+    curves = {"cosine": (roc_cos.fpr, roc_cos.tpr)}
+    risk_curves = {}
+    paths: list[Path] = []
+    unc_score = _uncertainty_score(features, fused)
+    if unc_score is not None:
+        score_name, scores = unc_score
+        kf = kfold_accuracy_scores(scores, features.issame, True, n_folds)
+        roc_u = tar_at_far(scores, features.issame)
+        metrics[score_name] = {"accuracy": kf.accuracy, "std": kf.std, **roc_u.metrics()}
+        curves[score_name] = (roc_u.fpr, roc_u.tpr)
+    if features.uncertainty is not None:
+        u = features.uncertainty.reshape(features.embeddings.shape[0], -1)
+        pair_u = pair_uncertainty(u[0::2], u[1::2], "max")
+        metrics["risk"] = {}
+        for label, s in [("cosine", cos)] + ([unc_score] if unc_score is not None else []):
+            res = risk_controlled_accuracy(s, features.issame, pair_u, rejection_rates, n_folds)
+            metrics["risk"][label] = res.metrics()
+            risk_curves[label] = (res.rejection_rates, res.accuracy)
+        paths.append(plot_risk(risk_curves, out_dir / "risk.png", f"{name}: accuracy vs rejection"))
+        paths.append(
+            plot_uncertainty_hist(
+                features.uncertainty,
+                features.degradation,
+                out_dir / "uncertainty_hist.png",
+                features.kind,
+                f"{name}: uncertainty by degradation level",
+            )
+        )
+        if features.degradation is not None:
+            metrics["uncertainty_by_degradation"] = _by_degradation(u.mean(axis=1), features.degradation)
+    paths.insert(0, plot_roc(curves, out_dir / "roc.png", f"{name}: ROC"))
+    paths.insert(1, plot_det(curves, out_dir / "det.png", f"{name}: DET"))
+    paths.insert(0, write_metrics(out_dir, metrics))
+    return metrics, paths
+
+
+def _by_degradation(u: np.ndarray, degradation: np.ndarray) -> dict:
+    d = np.asarray(degradation, dtype=np.float64).reshape(-1)
+    masks = {"clean": d < 0.3, "mid": (d >= 0.3) & (d <= 0.7), "degraded": d > 0.7}
+    return {k: {"n": int(m.sum()), "mean": float(u[m].mean()) if m.any() else None} for k, m in masks.items()}

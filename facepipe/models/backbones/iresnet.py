@@ -1,0 +1,128 @@
+"""IResNet (InsightFace arcface_torch layout; also AdaFace's IR-*).
+
+Stem conv3x3-BN-PReLU, four stages of improved basic blocks (BN-conv-BN-PReLU-conv(stride)-BN + shortcut),
+each stage halving the resolution, then the output block BN2d → Dropout → FC → BN1d (its scale frozen at 1,
+as in the reference). At 112×112 the final conv map is 512×7×7 and the embedding 512-d.
+
+``width`` scales every stage's channel count (1.0 = the original 64/128/256/512), which with short
+``layers`` gives the small CPU variants.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["IBasicBlock", "IResNet", "IRESNET_LAYERS", "iresnet"]
+
+IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
+    "iresnet18": (2, 2, 2, 2),
+    "iresnet34": (3, 4, 6, 3),
+    "iresnet50": (3, 4, 14, 3),
+    "iresnet100": (3, 13, 30, 3),
+    "iresnet200": (6, 26, 60, 6),
+    "iresnet_tiny": (1, 1, 1, 1),
+}
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class IBasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin, eps=1e-5)
+        self.conv1 = _conv3x3(cin, cout)
+        self.bn2 = nn.BatchNorm2d(cout, eps=1e-5)
+        self.prelu = nn.PReLU(cout)
+        self.conv2 = _conv3x3(cout, cout, stride)
+        self.bn3 = nn.BatchNorm2d(cout, eps=1e-5)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(cout, eps=1e-5)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        identity = x if self.downsample is None else self.downsample(x)
+        return out + identity
+
+
+def _out_size(size: int, n_stages: int = 4) -> int:
+    for _ in range(n_stages):
+        size = (size - 1) // 2 + 1  # 3x3 conv, padding 1, stride 2
+    return size
+
+
+class IResNet(nn.Module):
+    def __init__(
+        self,
+        layers: tuple[int, ...] = (3, 4, 14, 3),
+        embedding_size: int = 512,
+        dropout: float = 0.0,
+        width: float = 1.0,
+        input_size: tuple[int, int] = (112, 112),
+    ):
+        super().__init__()
+        if len(layers) != 4 or min(layers) < 1:
+            raise ValueError(f"IResNet needs four stage depths >= 1, got {layers}")
+        channels = [max(1, round(c * width)) for c in (64, 64, 128, 256, 512)]
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.embedding_size = int(embedding_size)
+        self.feature_channels = channels[-1]
+        self.feature_size = (_out_size(self.input_size[0]), _out_size(self.input_size[1]))
+
+        self.conv1 = _conv3x3(3, channels[0])
+        self.bn1 = nn.BatchNorm2d(channels[0], eps=1e-5)
+        self.prelu = nn.PReLU(channels[0])
+        stages = []
+        cin = channels[0]
+        for depth, cout in zip(layers, channels[1:], strict=True):
+            blocks = [IBasicBlock(cin, cout, stride=2)]
+            blocks += [IBasicBlock(cout, cout) for _ in range(depth - 1)]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.bn2 = nn.BatchNorm2d(cin, eps=1e-5)
+        self.dropout = nn.Dropout(p=dropout)
+        h, w = self.feature_size
+        self.fc = nn.Linear(cin * h * w, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, 0.1)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        nn.init.constant_(self.features.weight, 1.0)
+        self.features.weight.requires_grad = False  # InsightFace freezes the embedding BN scale
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The final conv map (before the output block): (B, 512·width, H/16, W/16)."""
+        x = self.prelu(self.bn1(self.conv1(x)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def embed(self, fmap: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.bn2(fmap), 1)
+        return self.features(self.fc(self.dropout(x)))
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.feature_map(x)
+        return self.embed(fmap), fmap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.feature_map(x))
+
+
+def iresnet(name: str, **kw) -> IResNet:
+    if name not in IRESNET_LAYERS:
+        raise ValueError(f"unknown IResNet {name!r}; known: {sorted(IRESNET_LAYERS)}")
+    if name == "iresnet_tiny":
+        kw.setdefault("width", 0.25)
+        kw.setdefault("embedding_size", 128)
+    return IResNet(IRESNET_LAYERS[name], **kw)

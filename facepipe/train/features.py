@@ -1,0 +1,290 @@
+"""Running a frozen backbone over images: pair-table verification and the feature cache.
+
+* `embed_pair_table` / `verify_pairs`: embeddings of a verification pair table (image and its mirror),
+  scored with the InsightFace 10-fold protocol. Used after every training epoch and by the stages'
+  final benchmark.
+* `cache_features`: the frozen backbone's outputs for every training image, written as Parquet shards
+  with one output row group per input row group (same row order), so the uncertainty stage plans
+  batches identically on images or on the cache and heads train without re-running the backbone.
+  Each output shard is written atomically and skipped when present: an interrupted run resumes
+  without duplicates or gaps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facepipe.data.loader import normalise
+from facepipe.errors import DataError
+from facepipe.fsutil import atomic_path, clean_stale_temps, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+CACHE_META = "features.json"
+
+
+def decode_images_of(
+    images: list[bytes], size: tuple[int, int], color_order: str, source: str, first_row: int
+) -> np.ndarray:
+    """`decode_images`, with a failure reported against the file and row it came from."""
+    from facepipe.data.shards import decode_images
+
+    try:
+        return decode_images(images, color_order, size)
+    except DataError as err:
+        row = first_row + (err.record or 0)
+        raise DataError("image does not decode", path=source, record=f"row {row}") from err
+
+
+def embed_images(backbone: Any, images_u8: np.ndarray, flip: bool = False, maps: bool = False) -> Any:
+    """(embeddings, flipped embeddings or None, feature maps or None) for uint8 NHWC images."""
+    import torch
+
+    x = normalise(images_u8)
+    device = next(backbone.parameters()).device
+    with torch.no_grad():
+        emb, fmap = backbone.forward_features(x.to(device))
+        flipped = backbone.forward_features(torch.flip(x, dims=[3]).to(device))[0] if flip else None
+    return (
+        emb.float().cpu().numpy(),
+        None if flipped is None else flipped.float().cpu().numpy(),
+        fmap.float().cpu().numpy() if maps else None,
+    )
+
+
+def embed_pair_table(
+    backbone: Any,
+    path: str | os.PathLike,
+    input_size: tuple[int, int],
+    color_order: str,
+    batch_pairs: int = 128,
+    flip: bool = True,
+) -> dict[str, np.ndarray]:
+    """Embeddings of a pair table, rows 2i / 2i+1 = pair i's images (the verification layout)."""
+    import pyarrow.parquet as pq
+
+    was_training = backbone.training
+    backbone.eval()
+    embs, flips, issame = [], [], []
+    row = 0
+    try:
+        handle = pq.ParquetFile(path)
+        for batch in handle.iter_batches(batch_size=batch_pairs, columns=["image_a", "image_b", "issame"]):
+            a = batch.column("image_a").to_pylist()
+            b = batch.column("image_b").to_pylist()
+            interleaved = [img for pair in zip(a, b, strict=True) for img in pair]
+            images = decode_images_of(interleaved, input_size, color_order, str(path), 2 * row)
+            e, f, _ = embed_images(backbone, images, flip=flip)
+            embs.append(e)
+            if f is not None:
+                flips.append(f)
+            issame.append(batch.column("issame").to_numpy(zero_copy_only=False))
+            row += batch.num_rows
+    finally:
+        backbone.train(was_training)
+    return {
+        "embedding": np.concatenate(embs),
+        "flipped": np.concatenate(flips) if flips else None,
+        "issame": np.concatenate(issame).astype(bool),
+    }
+
+
+CLEAN_MAX = 0.3  # a "clean" pair: both images' generated degradation below this
+
+
+def pair_degradation(raw_dir: str | os.PathLike | None, name: str, pairs: int) -> np.ndarray | None:
+    """(pairs, 2) degradation levels of a generated pair set, or None when there is no sidecar."""
+    if raw_dir is None:
+        return None
+    sidecar = Path(raw_dir) / f"{name}.degradation.parquet"
+    if not sidecar.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sidecar, columns=["degradation_a", "degradation_b"])
+    if table.num_rows != pairs:
+        log.warning("%s has %d rows for %d pairs; ignored", sidecar, table.num_rows, pairs)
+        return None
+    return np.stack([table.column(c).to_numpy() for c in ("degradation_a", "degradation_b")], axis=1)
+
+
+def pair_tables(shards_dir: str | os.PathLike) -> dict[str, Path]:
+    """name -> pair table of a decoded dataset (OUT/pairs/<name>.parquet)."""
+    folder = Path(shards_dir) / "pairs"
+    return {p.stem: p for p in sorted(folder.glob("*.parquet")) if not p.name.startswith(".")}
+
+
+def verify_pairs(
+    backbone: Any,
+    shards_dir: str | os.PathLike,
+    input_size: tuple[int, int],
+    color_order: str,
+    folds: int = 10,
+    raw_dir: str | os.PathLike | None = None,
+) -> dict[str, float]:
+    """10-fold accuracy (and std) on every pair table of the dataset, plus their mean as `accuracy`.
+
+    Where the generator's per-pair sidecar `<raw_dir>/<name>.degradation.parquet` exists, also the
+    10-fold accuracy over the clean pairs alone (both images' degradation < 0.3).
+    """
+    from facepipe.eval.verification import evaluate_embeddings
+
+    metrics: dict[str, float] = {}
+    accs = []
+    for name, path in pair_tables(shards_dir).items():
+        out = embed_pair_table(backbone, path, input_size, color_order)
+        result = evaluate_embeddings(out["embedding"], out["issame"], out["flipped"], n_folds=folds)
+        metrics[f"val/{name}/accuracy"] = float(result.accuracy)
+        metrics[f"val/{name}/std"] = float(result.std)
+        accs.append(float(result.accuracy))
+        degradation = pair_degradation(raw_dir, name, len(out["issame"]))
+        if degradation is not None:
+            clean = np.flatnonzero(degradation.max(axis=1) < CLEAN_MAX)
+            rows = np.stack([2 * clean, 2 * clean + 1], axis=1).reshape(-1)
+            if len(clean) >= 2 * folds:
+                flipped = out["flipped"][rows] if out["flipped"] is not None else None
+                sub = evaluate_embeddings(
+                    out["embedding"][rows], out["issame"][clean], flipped, n_folds=folds
+                )
+                metrics[f"val/{name}/clean_accuracy"] = float(sub.accuracy)
+    if accs:
+        metrics["accuracy"] = float(np.mean(accs))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature cache
+# ---------------------------------------------------------------------------------------------
+
+
+def _cache_schema(embedding_size: int, map_size: int) -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("key", pa.int64()),
+            pa.field("label", pa.int64()),
+            pa.field("embedding", pa.list_(pa.float32(), embedding_size)),
+            pa.field("feature_map", pa.list_(pa.float16(), map_size)),
+            pa.field("degradation", pa.float32()),
+        ]
+    )
+
+
+def cache_features(
+    backbone: Any,
+    shard_paths: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    input_size: tuple[int, int],
+    color_order: str,
+    fingerprint: str,
+    batch_rows: int = 256,
+) -> Path:
+    """Write the frozen backbone's (embedding, final conv map) for every row of `shard_paths`.
+
+    Output shard i mirrors input shard i row group by row group. `fingerprint` identifies the backbone
+    and data; a cache made with another fingerprint is rebuilt rather than reused.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
+    meta_path = out / CACHE_META
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("fingerprint") != fingerprint:
+        for old in out.glob("*.parquet"):
+            old.unlink()
+        meta_path.unlink()
+    backbone.eval()
+    probe = np.zeros((1, *input_size, 3), dtype=np.uint8)
+    emb0, _, map0 = embed_images(backbone, probe, maps=True)
+    map_shape = tuple(int(v) for v in map0.shape[1:])
+    schema = _cache_schema(emb0.shape[1], int(np.prod(map_shape)))
+    written = 0
+    from facepipe.progress import progress
+
+    for index, src in enumerate(
+        progress(shard_paths, total=len(shard_paths), desc="cache features", unit="shard")
+    ):
+        dst = out / f"features-{index:05d}.parquet"
+        if dst.is_file():
+            continue
+        handle = pq.ParquetFile(src)
+        columns = [c for c in ("key", "label", "image", "degradation") if c in handle.schema_arrow.names]
+        with atomic_path(dst) as tmp, pq.ParquetWriter(tmp, schema, compression="none") as writer:
+            for rg in range(handle.metadata.num_row_groups):
+                table = handle.read_row_group(rg, columns=columns)
+                parts = []
+                for start in range(0, table.num_rows, batch_rows):
+                    chunk = table.slice(start, batch_rows)
+                    images = decode_images_of(
+                        chunk.column("image").to_pylist(), input_size, color_order, str(src), start
+                    )
+                    emb, _, fmap = embed_images(backbone, images, maps=True)
+                    n = len(emb)
+                    deg = (
+                        chunk.column("degradation").to_numpy(zero_copy_only=False).astype(np.float32)
+                        if "degradation" in columns
+                        else np.full(n, np.nan, np.float32)
+                    )
+                    parts.append(
+                        pa.table(
+                            {
+                                "key": chunk.column("key"),
+                                "label": chunk.column("label"),
+                                "embedding": pa.FixedSizeListArray.from_arrays(
+                                    pa.array(emb.reshape(-1), pa.float32()), emb.shape[1]
+                                ),
+                                "feature_map": pa.FixedSizeListArray.from_arrays(
+                                    pa.array(fmap.reshape(-1).astype(np.float16), pa.float16()),
+                                    int(np.prod(map_shape)),
+                                ),
+                                "degradation": pa.array(deg, pa.float32()),
+                            },
+                            schema=schema,
+                        )
+                    )
+                writer.write_table(pa.concat_tables(parts), row_group_size=table.num_rows)
+        written += 1
+    write_json_atomic(
+        meta_path,
+        {
+            "fingerprint": fingerprint,
+            "map_shape": list(map_shape),
+            "embedding_size": int(emb0.shape[1]),
+            "shards": len(shard_paths),
+        },
+    )
+    log.info("feature cache %s: %d shards written, %d reused", out, written, len(shard_paths) - written)
+    return out
+
+
+def cache_info(out_dir: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(out_dir) / CACHE_META).read_text())
+
+
+def cached_shards(out_dir: str | os.PathLike) -> list[Path]:
+    return sorted(p for p in Path(out_dir).glob("features-*.parquet"))
+
+
+def read_cached_rows(path: str, row_group: int, map_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """One row group of the cache as arrays: label, embedding (N, D), feature_map (N, *map_shape)."""
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path).read_row_group(row_group)
+    emb = table.column("embedding").combine_chunks()
+    fmap = table.column("feature_map").combine_chunks()
+    n = table.num_rows
+    return {
+        "label": table.column("label").to_numpy(),
+        "embedding": emb.values.to_numpy().reshape(n, -1),
+        "feature_map": fmap.values.to_numpy(zero_copy_only=False).reshape(n, *map_shape),
+        "degradation": table.column("degradation").to_numpy(zero_copy_only=False),
+    }

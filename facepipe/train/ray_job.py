@@ -1,0 +1,169 @@
+"""Running a training loop on Ray Train: cluster attach, Train configs, per-worker helpers.
+
+The stages (`backbone.py`, `uncertainty.py`, `finetune.py`) each define a per-worker loop function and
+call `run_training`, which wraps it in a `TorchTrainer` (Ray Train v2) with:
+
+* `ScalingConfig` from the config (workers, GPUs, CPUs per worker),
+* `RunConfig(storage_path, name)`: re-running with the same name resumes the run from its latest
+  checkpoint (Ray restores it; the loop gets it through `ray.train.get_checkpoint()`),
+* `FailureConfig(max_failures)`: a worker that dies restarts the worker group from the latest
+  checkpoint inside the same run,
+* `CheckpointConfig(num_to_keep)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from facepipe.config import ScalingConfig as ScalingSection
+from facepipe.errors import FacepipeError
+
+log = logging.getLogger(__name__)
+
+# Environment variables the driver forwards to the Train controller and workers (Ray propagates its own
+# RAY_TRAIN_* variables; these are ours and the thread caps).
+FORWARDED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Attach to Ray (`address`: None starts a local instance, else "auto" / "host:port" / "ray://...").
+
+    Returns True when this call started or attached Ray (so the caller should shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+    ray.init(**kwargs)
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """`ensure_ray` for the duration of a block; shuts Ray down only if this block started it."""
+    import ray
+
+    started = ensure_ray(address, num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished Train run hands back to the driver."""
+
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    run_path: str
+    seconds: float
+
+
+def run_training(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    scaling: ScalingSection,
+    storage_path: str | os.PathLike,
+    name: str,
+    max_failures: int = 2,
+    num_to_keep: int | None = 2,
+) -> TrainOutcome:
+    """Run `loop(loop_config)` on `scaling.num_workers` Ray Train workers; raise on failure."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    # a loaded node can take more than Ray's default 60 s to start a worker group (imports, process group);
+    # Ray propagates this variable from the driver to its controller
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    storage = Path(storage_path).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = 1
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # one compute thread per requested CPU: oversubscribing cores slows every worker on a shared node
+    threads = str(max(int(scaling.cpus_per_worker), 1))
+    env.setdefault("OMP_NUM_THREADS", threads)
+    env.setdefault("MKL_NUM_THREADS", threads)
+    # idle OpenMP threads sleep instead of spinning: the loader's decode threads share these cores
+    # (spinning cost 3-4x in step time on a 2-core node, measured with bench/train.py)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    start = time.monotonic()
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        raise FacepipeError(f"training run {name!r} failed: {_root_message(err)}") from err
+    if result.error is not None:
+        raise FacepipeError(f"training run {name!r} failed: {_root_message(result.error)}")
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainOutcome(dict(result.metrics or {}), checkpoint, str(storage / name), time.monotonic() - start)
+
+
+def _root_message(err: BaseException) -> str:
+    """The innermost cause's message: Ray wraps a worker's exception in several layers."""
+    seen = err
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    return f"{type(seen).__name__}: {seen}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for use inside a worker loop
+# ---------------------------------------------------------------------------------------------
+
+
+def worker_context() -> tuple[int, int, str]:
+    """(rank, world size, node id) of the calling Ray Train worker."""
+    import ray
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.get_runtime_context().get_node_id()
+
+
+def worker_device(use_gpu: bool) -> Any:
+    import torch
+
+    if use_gpu and torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def set_threads() -> None:
+    """Cap torch's intra-op threads to the CPUs this worker was given."""
+    import torch
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)

@@ -1,0 +1,228 @@
+"""Integration fixtures: a real two-node Ray cluster on 127.0.0.1, a small sample dataset, MLflow on SQLite.
+
+The cluster is started with the ordinary CLI (`ray start --head`, then `ray start --address` for the
+second node), each in `--block` mode so that terminating the command stops exactly that node's
+processes: nothing here runs `ray stop`, which would stop every Ray instance of the user (other test
+sessions included). A sweep for left-over processes started under this cluster's own temp dir
+follows. Token authentication is on (Ray 2.60 needs `RAY_AUTH_MODE=token` on the joining node); the
+token is a random one passed through the environment, never written to ~/.ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+RAY = str(Path(sys.executable).with_name("ray"))
+CPUS_PER_NODE = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LocalCluster:
+    address: str
+    env: dict[str, str]
+    temp_dir: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        _kill_leftovers(self.temp_dir)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _kill_leftovers(temp_dir: Path) -> None:
+    """Processes whose command line names this cluster's temp dir (ours alone), by pid."""
+    import psutil
+
+    marker = str(temp_dir)
+    me = os.getpid()
+    victims = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != me and any(marker in part for part in proc.info["cmdline"] or []):
+                victims.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(victims, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def _node_args(temp_dir: Path) -> list[str]:
+    # every port explicit and free: several nodes (and other sessions' clusters) share this host
+    return [
+        f"--num-cpus={CPUS_PER_NODE}",
+        "--node-ip-address=127.0.0.1",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        "--object-store-memory=100000000",
+        "--disable-usage-stats",
+        "--block",
+    ]
+
+
+def _wait_for_nodes(address: str, env: dict[str, str], count: int, timeout: float = 180.0) -> None:
+    script = (
+        "import ray, sys\n"
+        f"ray.init(address='{address}', log_to_driver=False)\n"
+        "print(sum(1 for n in ray.nodes() if n['Alive']))\n"
+    )
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
+        last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-2000:]
+        if out.returncode == 0 and last.isdigit() and int(last) >= count:
+            return
+        time.sleep(2)
+    raise RuntimeError(f"Ray cluster at {address} did not reach {count} nodes: {last}")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A two-node local Ray cluster (2 CPUs each); the test process is attached to it as the driver."""
+    temp_dir = Path(
+        tempfile.mkdtemp(prefix="fpray", dir="/tmp")
+    )  # short: Ray's socket paths are length-capped
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+        "RAY_DEDUP_LOGS": "1",
+        "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    logs = temp_dir / "logs"
+    logs.mkdir()
+    cluster = LocalCluster(address, env, temp_dir)
+    try:
+        head = [
+            RAY,
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=false",
+            f"--ray-client-server-port={free_port()}",
+            *_node_args(temp_dir),
+        ]
+        cluster.procs.append(
+            subprocess.Popen(
+                head,
+                env=env,
+                stdout=open(logs / "head.log", "w"),  # noqa: SIM115
+                stderr=subprocess.STDOUT,
+            )
+        )
+        _wait_for_nodes(address, env, 1)
+        worker = [RAY, "start", f"--address={address}", *_node_args(temp_dir)]
+        cluster.procs.append(
+            subprocess.Popen(
+                worker,
+                env=env,
+                stdout=open(logs / "worker.log", "w"),  # noqa: SIM115
+                stderr=subprocess.STDOUT,
+            )
+        )
+        _wait_for_nodes(address, env, 2)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})
+        try:
+            yield cluster
+        finally:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(tmp_path_factory) -> Path:
+    """A small generated InsightFace-layout dataset, decoded into shards + pair tables."""
+    from facepipe.data.decode import decode_dataset
+    from facepipe.data.synthetic import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("sample")
+    generate(root / "raw", SynthConfig(identities=40, images_per_identity=8, pairs=100, size=64, seed=3))
+    decode_dataset([root / "raw"], root / "shards", workers=1)
+    return root
+
+
+def small_config(root: Path, tmp: Path, address: str | None):
+    """A CPU-sized configuration: tiny backbone, few steps, MLflow on SQLite under `tmp`."""
+    from facepipe.config import Config
+
+    config = Config()
+    config.paths.shards = str(root / "shards")
+    config.paths.raw = str(root / "raw")
+    config.paths.runs = str(tmp / "runs")
+    config.paths.features = str(tmp / "features")
+    config.tracking.tracking_uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    config.tracking.artifact_location = str(tmp / "artifacts")
+    tb = config.train_backbone
+    tb.backbone.name = "iresnet_tiny"
+    tb.backbone.input_size = (32, 32)
+    tb.backbone.embedding_size = 64
+    tb.batch_size = 32
+    tb.epochs = 3
+    tb.optim.lr = 3e-3
+    tb.checkpoint_every_steps = 3
+    tb.log_every_steps = 1
+    tb.loader.workers = 1
+    tb.loader.prefetch = 2
+    for section in (tb.scaling, config.train_uncertainty.scaling, config.finetune.scaling):
+        section.address = address
+        section.num_workers = 2 if section is tb.scaling else 1
+        section.cpus_per_worker = 1
+    tu = config.train_uncertainty
+    tu.epochs = 2
+    tu.classes_per_batch = 8
+    tu.images_per_class = 4
+    tu.batch_size = 32
+    return config

@@ -1,0 +1,141 @@
+"""Unit tests of the pieces of `facepipe decode`: vectorised parsing, planning, source-hash cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+from facepipe.data import decode_resume
+from facepipe.data.decode_hashing import AppendHasher, sha256_mapped
+from facepipe.data.decode_parse import check_labels, parse_chunk
+from facepipe.data.decode_plan import plan_ranges, record_ends
+from facepipe.data.recordio import MAGIC_BYTES, IRHeader, encode_frames, pack
+from facepipe.fsutil import sha256_file
+
+
+def _records() -> list[tuple[IRHeader, bytes]]:
+    return [
+        (IRHeader(0, 3.0, 1, 0), b"\xff\xd8plain jpeg-ish payload"),
+        # the magic word at an aligned offset: written as several frames, the slow path
+        (IRHeader(0, 4.0, 2, 0), b"abcd" * 2 + MAGIC_BYTES + b"tail" + MAGIC_BYTES),
+        (IRHeader(2, [5.0, 1.0], 3, 0), b"face2rec2 style, two labels"),
+        (IRHeader(0, 6.0, 4, 0), b""),  # empty payload: a real record, rejected as an image
+        (IRHeader(0, 7.0, 5, 0), bytes(range(256)) * 3),
+    ]
+
+
+def _file(records) -> tuple[bytes, np.ndarray]:
+    blob, offsets = b"", []
+    for header, payload in records:
+        offsets.append(len(blob))
+        blob += encode_frames(pack(header, payload))
+    return blob, np.array(offsets, np.int64)
+
+
+def test_parse_chunk_matches_unpack_on_fast_and_slow_paths():
+    records = _records()
+    blob, offsets = _file(records)
+    ends = np.append(offsets[1:], len(blob))
+    keys = np.arange(1, len(records) + 1, dtype=np.int64)
+    parsed = parse_chunk(memoryview(blob), offsets, 0, ends, len(blob), keys, "x.rec")
+    region = memoryview(blob)
+    # the multi-frame record leaves the vectorised path (so does the empty one: shorter than it checks)
+    assert set(parsed.slow) <= {1, 3} and 1 in parsed.slow
+    assert parsed.reasons == {3: "image record has an empty payload"}
+    for i, (header, payload) in enumerate(records):
+        assert bytes(parsed.payload(i, region)) == payload
+        first = header.label if header.flag == 0 else header.label[0]
+        assert parsed.labels[i] == first
+
+
+def test_parse_chunk_reports_bad_records():
+    records = _records()[:3]
+    blob, offsets = _file(records)
+    damaged = bytearray(blob)
+    damaged[offsets[2]] ^= 0xFF  # bad magic on the third record
+    offsets = np.append(offsets, len(blob) + 64)  # an index entry past the end of the file
+    ends = np.append(offsets[1:3], [len(blob), len(blob)])
+    keys = np.arange(4, dtype=np.int64)
+    parsed = parse_chunk(
+        memoryview(bytes(damaged)), offsets, 0, np.minimum(ends, len(blob)), len(blob), keys, "x"
+    )
+    assert set(parsed.reasons) == {2, 3}
+    assert "magic" in parsed.reasons[2]
+    assert "past the end of the file" in parsed.reasons[3]
+
+
+def test_check_labels_against_identity_ranges():
+    task = {
+        "num_classes": 3,
+        "identity_starts": np.array([1, 4], np.int64),
+        "identity_ends": np.array([4, 6], np.int64),
+        "identity_base": 1,  # this range's identities are classes 1 and 2
+    }
+    keys = np.array([1, 2, 4, 5, 7], np.int64)
+    labels = np.array([1.0, 2.0, 2.0, 3.0, 2.0])
+    reasons: dict[int, str] = {}
+    check_labels(task, keys, labels, reasons)
+    assert sorted(reasons) == [1, 3, 4]
+    assert "disagrees" in reasons[1] and "not a class index" in reasons[3] and "no identity" in reasons[4]
+
+
+def test_plan_is_contiguous_and_bounded():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(100, 5000, 500)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    ends = record_ends(offsets, int(sizes.sum()), offsets)
+    assert np.array_equal(ends - offsets, sizes)
+    ranges = plan_ranges(offsets, ends, 50_000)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(offsets)
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(sizes[lo:hi].sum() < 50_000 + 5000 for lo, hi in ranges)
+    assert plan_ranges(offsets[:0], ends[:0], 10) == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 3 * 4096 + 7])
+def test_mapped_hash_equals_plain_hash(tmp_path, size):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(size))
+    assert sha256_mapped(path, window=4096) == sha256_file(path)
+
+
+def test_source_hashes_are_cached_until_the_file_changes(tmp_path, monkeypatch):
+    src = tmp_path / "train.rec"
+    src.write_bytes(b"some records")
+    calls = []
+    real = decode_resume.sha256_mapped
+
+    def counting(path, stop=None):
+        calls.append(path)
+        return real(path, stop)
+
+    monkeypatch.setattr(decode_resume, "sha256_mapped", counting)
+
+    def run():
+        hasher = decode_resume.SourceHasher([src], tmp_path)
+        hasher.start()
+        return hasher.wait()
+
+    first = run()
+    assert first == {str(src): {"size": 12, "sha256": sha256_file(src)}}
+    assert run() == first and len(calls) == 1  # reused from OUT/.decode
+    src.write_bytes(b"other record")  # same size, new content and mtime
+    os.utime(src, ns=(1, 1))
+    assert run()[str(src)]["sha256"] == sha256_file(src) and len(calls) == 2
+
+
+def test_append_hasher_follows_a_growing_file(tmp_path):
+    path = tmp_path / "growing"
+    path.write_bytes(b"")
+    hasher = AppendHasher(path, window=8192)
+    data = b""
+    with open(path, "ab", buffering=0) as handle:
+        for n in (0, 5, 4091, 10_000, 1, 70_000):  # stretches across mapping windows and page boundaries
+            chunk = os.urandom(n)
+            handle.write(chunk)
+            data += chunk
+            hasher.advance(len(data))
+    assert hasher.finish(len(data)) == hashlib.sha256(data).hexdigest()
