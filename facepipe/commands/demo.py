@@ -24,7 +24,7 @@ from facepipe.errors import FacepipeError
 
 # Sized so the whole job fits in ~15 minutes on 2 CPU cores; `--set key=value` changes any of them.
 DEMO_OVERRIDES = [
-    "synth.identities=600",
+    "synth.identities=500",
     "synth.images_per_identity=12",
     "synth.pairs=1200",
     "train_backbone.scaling.num_workers=1",
@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         if code != 0:
             raise FacepipeError(f"the pipeline flow failed (exit {code}); its log: {log_path}")
         summary = json.loads(summary_path.read_text())
+        summary.setdefault("summary_path", str(summary_path))
     finally:
         for handle in reversed(handles):
             handle.stop()
@@ -150,12 +151,8 @@ def _format_summary(summary: dict, workdir: Path, mlflow, seconds: float) -> str
         aliases = ", ".join(model.get("aliases") or []) or "no alias"
         lines.append(f"  {model['name']} v{model['version']}  [{aliases}]")
     lines.append("")
-    lines.append("Benchmark:")
-    for uri, tables in summary.get("benchmark", {}).items():
-        lines.append(f"  {uri}")
-        for table, numbers in tables.items():
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in list(numbers.items())[:6])
-            lines.append(f"    {table}: {shown}")
+    lines.append("Benchmark (10-fold verification on the generated pair sets):")
+    lines.extend(_benchmark_lines(summary.get("reports", [])))
     if summary.get("benchmark_note"):
         lines.append(f"  ({summary['benchmark_note']})")
     lines.append("")
@@ -171,3 +168,25 @@ def _format_summary(summary: dict, workdir: Path, mlflow, seconds: float) -> str
     )
     lines.append("Run `make demo` again: finished stages are reused.")
     return "\n".join(lines)
+
+
+def _benchmark_lines(report_dirs: list[str]) -> list[str]:
+    """One line per model and pair set: accuracy, clean vs degraded, uncertainty quality, risk control."""
+    lines = []
+    for report in report_dirs:
+        lines.append(f"  {Path(report).name}")
+        for metrics_path in sorted(Path(report).glob("*/metrics.json")):
+            m = json.loads(metrics_path.read_text())
+            acc = m.get("insightface", {})
+            parts = [f"acc {acc.get('accuracy', float('nan')):.3f}±{acc.get('std', float('nan')):.3f}"]
+            deg = m.get("degradation") or {}
+            if "clean_accuracy" in deg:
+                parts.append(f"clean {deg['clean_accuracy']:.3f} / degraded {deg['degraded_accuracy']:.3f}")
+            if deg.get("spearman_uncertainty_degradation") is not None:
+                parts.append(f"spearman(unc, degradation) {deg['spearman_uncertainty_degradation']:.2f}")
+            for score, risk in (m.get("risk") or {}).items():
+                if score != "cosine" and risk.get("accuracy"):
+                    rates, accs = risk["rejection_rates"], risk["accuracy"]
+                    parts.append(f"{score} {accs[0]:.3f}→{accs[-1]:.3f} rejecting {rates[-1]:.0%}")
+            lines.append(f"    {m.get('name', metrics_path.parent.name)}: " + "; ".join(parts))
+    return lines or ["  (no benchmark reports)"]

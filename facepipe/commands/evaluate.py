@@ -2,6 +2,12 @@
 
     facepipe evaluate --features FEATS.npz [--pairs PAIRS.parquet] [--uncertainty KIND] --out DIR
     facepipe evaluate --templates IJB.npz --out DIR
+    facepipe evaluate --model models:/facepipe-probface@champion --shards DIR --out DIR [--config P] [k=v ...]
+
+With `--model` (a registered model URI or a local bundle folder), every pair table DIR/pairs/*.parquet is
+embedded (f(x) and f(flip x); σ² or 1/κ when the model has an uncertainty head) and reported:
+OUT/metrics.json (a summary keyed by pair-table name), OUT/<table>/metrics.json (everything),
+OUT/plots/<table>/*.png, and OUT/model.json (what was evaluated).
 
 The features format is documented in :mod:`facepipe.eval.features`; an IJB-style templates NPZ holds
 ``embeddings`` (N, D), optional ``flipped`` and ``faceness``, ``templates`` and ``medias`` (N,), the
@@ -34,6 +40,19 @@ def register(subparsers) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--features", type=Path, help="per-image features (.npz or .parquet), pair order")
     src.add_argument("--templates", type=Path, help="IJB-style templates .npz (images, templates, pairs)")
+    src.add_argument(
+        "--model",
+        help="model URI (models:/facepipe-probface@champion, runs:/...) or a local bundle folder",
+    )
+    parser.add_argument(
+        "--shards", type=Path, help="decoded dataset whose pairs/*.parquet --model is scored on"
+    )
+    parser.add_argument(
+        "--config", default=None, help="parameters file for --model (default: ./params.yaml if present)"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="configuration overrides (with --model)"
+    )
     parser.add_argument("--pairs", type=Path, help="pair table (.parquet with issame, fold)")
     parser.add_argument(
         "--uncertainty",
@@ -42,7 +61,9 @@ def register(subparsers) -> None:
         help="what the file's 'uncertainty' holds (auto: the file's 'kind', else sigma_sq; none: ignore it)",
     )
     parser.add_argument(
-        "--rejection", default="0,0.1,0.2,0.3", help="rejection rates (default 0,0.1,0.2,0.3)"
+        "--rejection",
+        default=None,
+        help="rejection rates (default 0,0.1,0.2,0.3; with --model: eval.rejection_rates)",
     )
     parser.add_argument(
         "--fusion",
@@ -50,13 +71,17 @@ def register(subparsers) -> None:
         default="insightface",
         help="template fusion for --templates (pfe/probface/scf need 'uncertainty' in the file)",
     )
-    parser.add_argument("--folds", type=int, default=10, help="k of the k-fold protocol (default 10)")
+    parser.add_argument(
+        "--folds", type=int, default=None, help="k of the k-fold protocol (default 10; --model: eval.folds)"
+    )
     parser.add_argument("--name", default=None, help="name shown in plots (default: the pair table's stem)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.set_defaults(func=run)
 
 
-def _rates(text: str) -> tuple[float, ...]:
+def _rates(text: str | None) -> tuple[float, ...]:
+    if text is None:
+        return (0.0, 0.1, 0.2, 0.3)
     try:
         rates = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError as err:
@@ -69,6 +94,8 @@ def _rates(text: str) -> tuple[float, ...]:
 def run(args: argparse.Namespace) -> int:
     from facepipe.progress import summary
 
+    if args.model is not None:
+        return _run_model(args)
     if args.features is not None:
         metrics, paths = _run_pairs(args)
         head = {
@@ -97,7 +124,7 @@ def _run_pairs(args: argparse.Namespace):
     name = args.name or (args.pairs.stem if args.pairs else args.features.stem)
     log.info("evaluating %d pairs of %s", features.n_pairs, name)
     try:
-        return evaluate_pair_features(features, args.out, name, _rates(args.rejection), args.folds)
+        return evaluate_pair_features(features, args.out, name, _rates(args.rejection), args.folds or 10)
     except ValueError as err:
         raise FacepipeError(f"{args.features}: {err}") from err
 
@@ -170,3 +197,39 @@ def _fused_templates(method: str, data: dict, path: Path):
         mu_t, uniq, data["p1"], data["p2"], data["label"], numpy_callable(module.pair_score), unc_t
     )
     return res, uniq
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    """`--model`: embed every pair table of --shards with the model, then the pair-table report."""
+    import tempfile
+    import time
+
+    from facepipe.config import load_config
+    from facepipe.eval.model_features import evaluate_model, load_eval_model
+    from facepipe.progress import summary
+
+    if args.shards is None:
+        raise FacepipeError("--model needs --shards DIR (a decoded dataset with pairs/*.parquet)")
+    if not args.shards.is_dir():
+        raise DataError("shards folder not found", path=args.shards)
+    config = load_config(args.config, args.overrides)
+    ev = config.eval
+    rates = tuple(ev.rejection_rates) if args.rejection is None else _rates(args.rejection)
+    folds = args.folds or ev.folds
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="facepipe-eval-") as tmp:
+        model = load_eval_model(args.model, config.tracking, tmp)
+        tables, paths = evaluate_model(model, args.shards, args.out, rates, folds, ev.batch_size, ev.flip)
+    lines = {"model": args.model + (f" ({model.method} head)" if model.method else " (backbone)")}
+    for name, m in tables.items():
+        text = f"acc {m['accuracy']:.4f} ± {m['std']:.4f}"
+        for key in ("mls_pfe_accuracy", "mls_probface_accuracy", "scf_accuracy", "clean_accuracy"):
+            if key in m:
+                text += f", {key.removesuffix('_accuracy')} {m[key]:.4f}"
+        if "spearman_uncertainty_degradation" in m:
+            text += f", spearman(u, degradation) {m['spearman_uncertainty_degradation']:.3f}"
+        lines[name] = text
+    lines["report"] = str(args.out / "metrics.json")
+    lines["files"] = f"{len(paths)} ({time.monotonic() - start:.1f} s)"
+    print(summary(f"facepipe evaluate: {args.model} on {len(tables)} pair tables", lines))
+    return 0

@@ -1,6 +1,6 @@
 """`facepipe train backbone|uncertainty|finetune`: the training stages on Ray Train.
 
-    facepipe train backbone [--config params.yaml] [--shards DIR] [--name RUN] [section.key=value ...]
+    facepipe train backbone [--config params.yaml] [--shards DIR] [--name RUN] [--metrics-out FILE] [k=v ...]
     facepipe train uncertainty --method pfe|probface|scf --backbone models:/facepipe-backbone@champion
     facepipe train finetune --backbone models:/facepipe-backbone@champion
 
@@ -50,6 +50,12 @@ def register(subparsers) -> None:
                 action="store_true",
                 help="recompute backbone features every batch instead of caching them",
             )
+        sub.add_argument(
+            "--metrics-out",
+            default=None,
+            metavar="FILE",
+            help="also write the final metrics as JSON to FILE (atomically; for `dvc metrics`)",
+        )
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="configuration overrides")
         sub.set_defaults(func=run)
 
@@ -69,13 +75,15 @@ def run(args: argparse.Namespace) -> int:
     if args.stage == "backbone":
         from facepipe.train.backbone import train_backbone
 
-        train_backbone(config, args.shards, run_name=args.name, register=register, events_path=args.events)
+        result = train_backbone(
+            config, args.shards, run_name=args.name, register=register, events_path=args.events
+        )
     elif args.stage == "uncertainty":
         from facepipe.train.uncertainty import train_uncertainty
 
         if args.no_cache:
             config.train_uncertainty.cache_features = False
-        train_uncertainty(
+        result = train_uncertainty(
             config,
             args.shards,
             method=args.method,
@@ -87,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from facepipe.train.finetune import finetune
 
-        finetune(
+        result = finetune(
             config,
             args.shards,
             backbone_uri=args.backbone,
@@ -95,4 +103,19 @@ def run(args: argparse.Namespace) -> int:
             register=register,
             events_path=args.events,
         )
+    if args.metrics_out:
+        write_metrics_file(args.metrics_out, result)
     return 0
+
+
+def write_metrics_file(path: str, result) -> None:
+    """The stage's final numeric metrics (and the registered version, if any) as JSON, atomically."""
+    from pathlib import Path
+
+    from facepipe.fsutil import write_json_atomic
+
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
+    if result.model:
+        metrics["model_version"] = int(result.model["version"])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, metrics)

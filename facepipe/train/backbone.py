@@ -441,7 +441,7 @@ def train_backbone(
     Re-running with the same `run_name` resumes that run from its latest checkpoint.
     """
     from facepipe import tracking
-    from facepipe.train.ray_job import ray_session, run_training
+    from facepipe.train.ray_job import absolute_tracking_uri, ray_session, run_training, worker_config
 
     tb = config.train_backbone
     data = resolve_data(shards_dir or config.paths.shards)
@@ -454,9 +454,9 @@ def train_backbone(
         stale.unlink()
     error_dir.mkdir(parents=True, exist_ok=True)
     loop_config = {
-        "config": json.loads(Config.model_dump_json(config)),
+        "config": worker_config(config),
         "data": data.to_dict(),
-        "tracking_uri": config.tracking.tracking_uri if track else None,
+        "tracking_uri": absolute_tracking_uri(config.tracking.tracking_uri) if track else None,
         "run_id": run_id,
         "events_path": str(Path(events_path).resolve()) if events_path else None,
         "raw_dir": str(Path(config.paths.raw).resolve()),

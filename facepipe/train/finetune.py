@@ -15,7 +15,6 @@ farther than the positive, else the nearest one).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import os
 import tempfile
 import time
@@ -204,7 +203,7 @@ def finetune(
     from facepipe.train.backbone import StageResult, resolve_data
     from facepipe.train.checkpoint import load_bundle
     from facepipe.train.features import verify_pairs
-    from facepipe.train.ray_job import ray_session, run_training
+    from facepipe.train.ray_job import absolute_tracking_uri, ray_session, run_training, worker_config
 
     ft = config.finetune
     data = resolve_data(shards_dir or config.paths.shards)
@@ -214,10 +213,10 @@ def finetune(
     )
     run_id = tracking.start_run(config, "finetune", data.shards_dir, "finetune", name) if track else None
     loop_config = {
-        "config": json.loads(Config.model_dump_json(config)),
-        "bundle": str(bundle_dir),
+        "config": worker_config(config),
+        "bundle": str(Path(bundle_dir).resolve()),
         "image_shards": data.shards,
-        "tracking_uri": config.tracking.tracking_uri if track else None,
+        "tracking_uri": absolute_tracking_uri(config.tracking.tracking_uri) if track else None,
         "run_id": run_id,
         "events_path": str(Path(events_path).resolve()) if events_path else None,
     }

@@ -14,6 +14,7 @@ call `run_training`, which wraps it in a `TorchTrainer` (Ray Train v2) with:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from facepipe.config import Config
 from facepipe.config import ScalingConfig as ScalingSection
 from facepipe.errors import FacepipeError
 
@@ -61,6 +63,41 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     finally:
         if started:
             ray.shutdown()
+
+
+def absolute_tracking_uri(uri: str | None) -> str | None:
+    """`uri` with a relative local store made absolute against the current directory.
+
+    Ray Train workers run in their own working directory, so `sqlite:///mlflow.db` (or a plain
+    `mlruns` folder) would open a different, empty store there ("Run not found").
+    """
+    if not uri:
+        return uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path, sep, query = uri[len(prefix) :].partition("?")
+        if path and path != ":memory:":
+            return prefix + str(Path(path).resolve()) + sep + query
+        return uri
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return Path(uri[len("file:") :]).resolve().as_uri()
+    if ":" not in uri:  # a plain folder
+        return str(Path(uri).resolve())
+    return uri
+
+
+def worker_config(config: Config) -> dict[str, Any]:
+    """The config as plain data for Ray workers, with relative `paths.*` and tracking stores absolute."""
+    data = json.loads(config.model_dump_json())
+    for key, value in data["paths"].items():
+        if isinstance(value, str) and value and "://" not in value:
+            data["paths"][key] = str(Path(value).resolve())
+    tracking = data["tracking"]
+    tracking["tracking_uri"] = absolute_tracking_uri(tracking["tracking_uri"])
+    location = tracking.get("artifact_location")
+    if location and "://" not in location:
+        tracking["artifact_location"] = str(Path(location).resolve())
+    return data
 
 
 @dataclass

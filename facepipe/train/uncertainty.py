@@ -513,7 +513,7 @@ def prepare_features(
         emb, _, fmap = embed_images(backbone, probe, maps=True)
         return FeatureSource(None, [], tuple(fmap.shape[1:]), int(emb.shape[1]))
     fingerprint = backbone_fingerprint(bundle_dir, shards_dir)
-    out = Path(config.paths.features) / fingerprint[:16]
+    out = Path(config.paths.features).resolve() / fingerprint[:16]  # workers run in another cwd
     cache_features(backbone, shards, out, tuple(info.input_size), info.color_order, fingerprint)
     meta = cache_info(out)
     return FeatureSource(
@@ -535,7 +535,7 @@ def train_uncertainty(
     from facepipe import tracking
     from facepipe.train.backbone import StageResult, resolve_data
     from facepipe.train.checkpoint import load_bundle
-    from facepipe.train.ray_job import ray_session, run_training
+    from facepipe.train.ray_job import absolute_tracking_uri, ray_session, run_training, worker_config
 
     tu = config.train_uncertainty
     method = (method or tu.method).lower()
@@ -560,9 +560,9 @@ def train_uncertainty(
         "extra": tu.extra,
     }
     loop_config = {
-        "config": json.loads(Config.model_dump_json(config)),
+        "config": worker_config(config),
         "method": method,
-        "bundle": str(bundle_dir),
+        "bundle": str(Path(bundle_dir).resolve()),
         "cache_dir": features.cache_dir,
         "cache_shards": features.cache_shards,
         "image_shards": data.shards,
@@ -570,7 +570,7 @@ def train_uncertainty(
         "embedding_size": features.embedding_size,
         "head_meta": head_meta,
         "window_rows": 8192,
-        "tracking_uri": config.tracking.tracking_uri if track else None,
+        "tracking_uri": absolute_tracking_uri(config.tracking.tracking_uri) if track else None,
         "run_id": run_id,
         "events_path": str(Path(events_path).resolve()) if events_path else None,
     }

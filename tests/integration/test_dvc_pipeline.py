@@ -28,23 +28,9 @@ TINY = {
 }
 
 
-def cli_supports_model_eval() -> bool:
-    proc = subprocess.run(
-        [sys.executable, "-m", "facepipe", "evaluate", "--help"], capture_output=True, text=True
-    )
-    return "--model" in proc.stdout
-
-
-def facepipe_has(command: str) -> bool:
-    from facepipe.cli import build_parser
-
-    return command in build_parser()._subparsers._group_actions[0].choices
-
-
-FULL = facepipe_has("train")
-# until the training stages exist, the pipeline up to decode; then up to one uncertainty head (the others
-# are the same stage with another --method)
-TARGETS = ["train-probface"] if FULL else ["decode"]
+# the whole chain up to one uncertainty head and its benchmark (the other heads are the same stage
+# with another --method)
+TARGETS = ["benchmark@probface"]
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -97,12 +83,14 @@ def project(tmp_path) -> Path:
 
 def test_repro_builds_then_is_idempotent_then_reruns_only_dependents(project, tmp_path):
     first = dvc(project, "repro", *TARGETS)
-    expected = {"sample", "decode"} | ({"train-backbone", "train-probface"} if FULL else set())
-    assert ran(first) == expected, first
+    assert ran(first) == {"sample", "decode", "train-backbone", "train-probface", "benchmark@probface"}, first
     assert (project / "data" / "shards" / "manifest.json").is_file()
     assert (project / "data" / "raw" / "train.rec").is_file()
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     assert lock["decode"]["params"]["params.yaml"]["decode.target_mb"] == 1
+    # the benchmark's metrics file is what `dvc metrics show` reads
+    metrics = dvc(project, "metrics", "show", "--json")
+    assert "accuracy" in metrics and "reports/benchmark/probface/metrics.json" in metrics, metrics
     # pushes to the local remote; a clean status afterwards
     dvc(project, "push")
     assert any((tmp_path / "remote").rglob("*"))
@@ -111,28 +99,17 @@ def test_repro_builds_then_is_idempotent_then_reruns_only_dependents(project, tm
     second = dvc(project, "repro", *TARGETS)
     assert ran(second) == set(), second
 
-    if FULL:
-        # a head parameter reruns the head only
-        set_param(project, "train_uncertainty", "epochs", 2)
-        third = dvc(project, "repro", *TARGETS)
-        assert ran(third) == {"train-probface"}, third
-        plots = dvc(project, "plots", "show", "--json")
-        assert "runs/backbone/plots/roc.png" in plots and "runs/probface/plots" in plots, plots
+    # a head parameter reruns the head and its benchmark only
+    set_param(project, "train_uncertainty", "epochs", 2)
+    third = dvc(project, "repro", *TARGETS)
+    assert ran(third) == {"train-probface", "benchmark@probface"}, third
+    plots = dvc(project, "plots", "show", "--json")
+    assert "runs/backbone/plots/roc.png" in plots and "runs/probface/plots" in plots, plots
+    assert "reports/benchmark/probface/plots" in plots, plots
 
     # a decode parameter reruns decode (and what reads the shards), never the sample generator
     set_param(project, "decode", "target_mb", 2)
     assert "decode" in dvc(project, "status", "decode")
     fourth = dvc(project, "repro", "decode")
     assert ran(fourth) == {"decode"}, fourth
-    if FULL:
-        assert "train-backbone" in dvc(project, "status", "--with-deps", *TARGETS)
-
-
-@pytest.mark.skipif(
-    not (FULL and cli_supports_model_eval()),
-    reason="the benchmark stage needs `facepipe evaluate --model` (not built yet)",
-)
-def test_benchmark_metrics_show(project):
-    dvc(project, "repro", "benchmark@probface")
-    metrics = dvc(project, "metrics", "show", "--json")
-    assert "accuracy" in metrics
+    assert "train-backbone" in dvc(project, "status", "--with-deps", *TARGETS)

@@ -33,12 +33,6 @@ def group_alive(pgid: int) -> list[str]:
     return [r[2] for r in rows if len(r) == 3 and r[0] == str(pgid) and not r[1].startswith("Z")]
 
 
-def facepipe_has(command: str) -> bool:
-    from facepipe.cli import build_parser
-
-    return command in build_parser()._subparsers._group_actions[0].choices
-
-
 @pytest.fixture(scope="module")
 def prefect_stack(tmp_path_factory):
     """Server + deployments of prefect.yaml's `local` variants + a process worker; all stopped after."""
@@ -155,7 +149,6 @@ def test_a_failing_flow_run_is_reported_failed(prefect_stack, tmp_path):
     assert "Flow run finished in state 'Failed'" in proc.stdout + proc.stderr
 
 
-@pytest.mark.skipif(not facepipe_has("train"), reason="`facepipe train` is not built yet (training issue)")
 def test_train_probface_deployment_registers_a_new_version(prefect_stack, tmp_path):
     from mlflow import MlflowClient
 

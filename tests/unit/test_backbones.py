@@ -148,7 +148,9 @@ def test_forward_features_shapes(name, input_size, fmap_hw):
     assert model.feature_size == fmap_hw
 
 
-@pytest.mark.parametrize(("name", "input_size"), [("sphereface20", (112, 96)), ("mobilefacenet_tiny", (112, 112))])
+@pytest.mark.parametrize(
+    ("name", "input_size"), [("sphereface20", (112, 96)), ("mobilefacenet_tiny", (112, 112))]
+)
 def test_real_forward_features_equals_forward(name, input_size):
     torch.manual_seed(0)
     model = build_backbone(name).eval()

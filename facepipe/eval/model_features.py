@@ -1,0 +1,297 @@
+"""From a trained model to evaluation features: embeddings (+ mirror) and uncertainty of pair tables.
+
+`load_eval_model` accepts a registered model URI (`models:/facepipe-probface@champion`, `runs:/...`)
+or a local folder holding a backbone bundle (and optionally an uncertainty head, as a registered
+model's artifacts or a head-stage checkpoint do). `pair_table_features` runs it over a pair table in
+batches and returns a :class:`facepipe.eval.features.PairFeatures` in the verification layout (rows
+2i / 2i+1 = pair i's images), ready for :func:`facepipe.eval.report.evaluate_pair_features`:
+
+* `embeddings` = f(x) and `flipped` = f(mirror x), un-normalised: the InsightFace protocol fuses
+  them as f(x) + f(flip x) before normalising;
+* `uncertainty`: the head's output for the unflipped image, σ² for PFE (per dimension) / ProbFace
+  (scalar) and 1/κ for SCF (larger = less reliable in both cases, `kind` says which);
+* `degradation`: the pair table's `degradation_a/b` columns (synthetic data), NaN where null.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facepipe.config import TrackingConfig
+from facepipe.errors import DataError, FacepipeError
+from facepipe.eval.features import PairFeatures
+
+log = logging.getLogger(__name__)
+
+DEGRADATION_COLUMNS = ("degradation_a", "degradation_b")
+
+
+@dataclass
+class EvalModel:
+    """A backbone in eval mode, its bundle info, and the uncertainty head when the model has one."""
+
+    backbone: Any
+    info: Any  # facepipe.train.checkpoint.BundleInfo
+    head: Any | None = None
+    method: str | None = None
+    source: str = ""
+
+    @property
+    def kind(self) -> str:
+        """What `PairFeatures.uncertainty` will hold for this model."""
+        return "inv_kappa" if self.method == "scf" else "sigma_sq"
+
+
+def is_model_uri(source: str) -> bool:
+    return "://" in source or source.startswith(("models:/", "runs:/"))
+
+
+def load_eval_model(
+    source: str, tracking: TrackingConfig, download_dir: str | os.PathLike | None = None
+) -> EvalModel:
+    """Load a model URI or a local bundle folder (with its uncertainty head, when there is one)."""
+    from facepipe import tracking as tracking_mod
+    from facepipe.train.checkpoint import find_bundle, load_bundle
+    from facepipe.train.uncertainty import HEAD_META, load_head
+
+    if is_model_uri(source):
+        root = tracking_mod.download_model(source, tracking, download_dir)
+    else:
+        root = Path(source)
+        if not root.exists():
+            raise FacepipeError(f"model {source} is neither a model URI nor an existing folder")
+    bundle = find_bundle(root)
+    backbone, info, _ = load_bundle(bundle)
+    # a registered model holds one head; a training-run folder may hold one per checkpoint: take the newest
+    heads = sorted(
+        (p.parent for p in Path(root).rglob(HEAD_META)), key=lambda d: (d / HEAD_META).stat().st_mtime
+    )
+    head, method = None, None
+    if heads:
+        if len(heads) > 1:
+            log.warning("%d uncertainty heads under %s; using the newest, %s", len(heads), root, heads[-1])
+        head = load_head(heads[-1])
+        method = str(head.method)
+    log.info("loaded %s: backbone %s%s", source, info.backbone, f" + {method} head" if method else "")
+    return EvalModel(backbone, info, head, method, source)
+
+
+def embed_batch(model: EvalModel, images_u8: np.ndarray, flip: bool = True) -> dict[str, np.ndarray]:
+    """Embeddings, mirrored embeddings and (with a head) uncertainty of uint8 NHWC images."""
+    import torch
+
+    from facepipe.train.features import embed_images
+
+    emb, flipped, fmap = embed_images(model.backbone, images_u8, flip=flip, maps=model.head is not None)
+    out = {"embeddings": emb}
+    if flipped is not None:
+        out["flipped"] = flipped
+    if model.head is not None:
+        with torch.no_grad():
+            u = model.head.uncertainty(torch.from_numpy(emb), torch.from_numpy(fmap)).double().numpy()
+        u = u.reshape(u.shape[0], -1)
+        out["uncertainty"] = 1.0 / u if model.method == "scf" else u  # κ → 1/κ: larger = less reliable
+    return out
+
+
+def pair_table_features(
+    model: EvalModel,
+    path: str | os.PathLike,
+    color_order: str | None = None,
+    batch_images: int = 256,
+    flip: bool = True,
+    show_progress: bool = True,
+) -> PairFeatures:
+    """Run `model` over every pair of a pair table, a batch at a time (memory: one batch of images)."""
+    import pyarrow.parquet as pq
+
+    from facepipe.eval.features import read_pair_labels
+    from facepipe.progress import progress
+    from facepipe.train.features import decode_images_of
+
+    path = Path(path)
+    issame, fold = read_pair_labels(path)
+    try:
+        handle = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for corrupt files
+        raise DataError(f"cannot read pair table: {err}", path=path) from err
+    names = handle.schema_arrow.names
+    missing = [c for c in ("image_a", "image_b") if c not in names]
+    if missing:
+        raise DataError(f"pair table lacks columns {missing}", path=path)
+    deg_cols = [c for c in DEGRADATION_COLUMNS if c in names]
+    batch_pairs = max(1, batch_images // 2)
+    size = tuple(model.info.input_size)
+    order = color_order or model.info.color_order
+    parts: dict[str, list[np.ndarray]] = {}
+    degradation: list[np.ndarray] = []
+    row = 0
+    batches = handle.iter_batches(batch_size=batch_pairs, columns=["image_a", "image_b", *deg_cols])
+    total = math.ceil(handle.metadata.num_rows / batch_pairs)
+    for batch in (
+        progress(batches, total=total, desc=f"embed {path.stem}", unit="batch") if show_progress else batches
+    ):
+        a = batch.column("image_a").to_pylist()
+        b = batch.column("image_b").to_pylist()
+        interleaved = [img for pair in zip(a, b, strict=True) for img in pair]
+        images = decode_images_of(interleaved, size, order, str(path), 2 * row)
+        for key, value in embed_batch(model, images, flip).items():
+            parts.setdefault(key, []).append(value)
+        if len(deg_cols) == 2:
+            cols = [batch.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in deg_cols]
+            degradation.append(np.stack(cols, axis=1).reshape(-1))  # a0, b0, a1, b1, ...
+        row += batch.num_rows
+    if row != issame.shape[0]:
+        raise DataError(f"read {row} image pairs but {issame.shape[0]} labels", path=path)
+    if row == 0:
+        raise DataError("pair table is empty", path=path)
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    bad = np.flatnonzero(~np.isfinite(arrays["embeddings"]).all(axis=1))
+    if bad.size:
+        raise DataError("model gave a non-finite embedding", path=path, record=f"pair {int(bad[0]) // 2}")
+    deg = np.concatenate(degradation) if degradation else None
+    if deg is not None and np.isnan(deg).all():
+        deg = None
+    return PairFeatures(
+        embeddings=arrays["embeddings"],
+        issame=issame,
+        flipped=arrays.get("flipped"),
+        uncertainty=arrays.get("uncertainty"),
+        degradation=deg,
+        fold=fold,
+        kind=model.kind,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra numbers for the sample dataset: clean-pair accuracy, uncertainty vs degradation
+# ---------------------------------------------------------------------------------------------
+
+CLEAN_MAX = 0.3  # a "clean" pair: both images' generated degradation below this
+
+
+def degradation_metrics(features: PairFeatures, n_folds: int = 10) -> dict[str, Any]:
+    """10-fold accuracy on clean / degraded pairs, and Spearman(uncertainty, degradation) per image."""
+    from facepipe.eval.verification import evaluate_embeddings
+
+    if features.degradation is None:
+        return {}
+    d = np.asarray(features.degradation, dtype=np.float64).reshape(-1, 2)
+    out: dict[str, Any] = {}
+    known = ~np.isnan(d).any(axis=1)
+    worst = np.where(known, np.nan_to_num(d, nan=0.0).max(axis=1), np.nan)
+    for label, mask in (("clean", known & (worst < CLEAN_MAX)), ("degraded", known & (worst >= CLEAN_MAX))):
+        idx = np.flatnonzero(mask)
+        out[f"n_{label}_pairs"] = int(idx.size)
+        same = features.issame[idx]
+        if idx.size < 2 * n_folds or same.all() or not same.any():
+            continue  # too few pairs, or one class only: no meaningful k-fold accuracy
+        rows = np.stack([2 * idx, 2 * idx + 1], axis=1).reshape(-1)
+        flipped = features.flipped[rows] if features.flipped is not None else None
+        res = evaluate_embeddings(features.embeddings[rows], same, flipped, n_folds)
+        out[f"{label}_accuracy"] = float(res.accuracy)
+        out[f"{label}_std"] = float(res.std)
+    if features.uncertainty is not None:
+        from scipy.stats import spearmanr
+
+        u = features.uncertainty.reshape(features.embeddings.shape[0], -1).mean(axis=1)
+        per_image = d.reshape(-1)
+        ok = ~np.isnan(per_image)
+        if ok.sum() >= 3 and np.ptp(per_image[ok]) > 0 and np.ptp(u[ok]) > 0:
+            out["spearman_uncertainty_degradation"] = float(spearmanr(u[ok], per_image[ok]).statistic)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole report of a model on a dataset's pair tables
+# ---------------------------------------------------------------------------------------------
+
+
+def table_summary(metrics: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one pair table's full metrics (what OUT/metrics.json holds)."""
+    ver = metrics["insightface"]
+    out: dict[str, Any] = {
+        "n_pairs": metrics["n_pairs"],
+        "accuracy": ver["accuracy"],
+        "std": ver["std"],
+        "val_at_far_1e-3": ver["val"],
+        "auc": metrics["cosine"]["auc"],
+    }
+    for score in ("mls_pfe", "mls_probface", "scf"):
+        if score in metrics:
+            out[f"{score}_accuracy"] = metrics[score]["accuracy"]
+    for label, risk in (metrics.get("risk") or {}).items():
+        for rate, acc in zip(risk["rejection_rates"], risk["accuracy"], strict=True):
+            out[f"risk_{label}_reject_{int(round(rate * 100))}"] = acc
+    out.update(extra)
+    return out
+
+
+def evaluate_model(
+    model: EvalModel,
+    shards_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    rejection_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3),
+    n_folds: int = 10,
+    batch_images: int = 256,
+    flip: bool = True,
+) -> tuple[dict[str, Any], list[Path]]:
+    """Score `model` on every pair table of `shards_dir`; write the report into `out_dir`.
+
+    Returns (summary keyed by pair-table name, files written).
+    """
+    from facepipe.data.shards import read_manifest
+    from facepipe.eval.report import evaluate_pair_features, write_metrics
+    from facepipe.train.features import pair_tables
+
+    shards_dir, out = Path(shards_dir), Path(out_dir)
+    tables = pair_tables(shards_dir)
+    if not tables:
+        raise DataError("no pair tables (pairs/*.parquet) to evaluate on", path=shards_dir / "pairs")
+    order = model.info.color_order
+    if (shards_dir / "manifest.json").is_file():
+        data_order = read_manifest(shards_dir).get("color_order")
+        if data_order and data_order != order:
+            log.warning(
+                "model was trained on %s input, dataset manifest says %s: using %s", order, data_order, order
+            )
+    summary: dict[str, Any] = {}
+    written: list[Path] = []
+    for name, path in tables.items():
+        features = pair_table_features(model, path, order, batch_images, flip)
+        plots = out / "plots" / name
+        try:
+            metrics, paths = evaluate_pair_features(features, plots, name, tuple(rejection_rates), n_folds)
+        except ValueError as err:
+            raise DataError(f"cannot evaluate: {err}", path=path) from err
+        extra = degradation_metrics(features, n_folds)
+        metrics["degradation"] = extra
+        metrics["model"] = model.source
+        # the full metrics live beside, not inside, the plots folder (dvc tracks that as plots)
+        (plots / "metrics.json").unlink(missing_ok=True)
+        written.append(write_metrics(out / name, metrics))
+        written.extend(p for p in paths if p.suffix == ".png")
+        summary[name] = table_summary(metrics, extra)
+    written.insert(0, write_metrics(out, summary))
+    info = {
+        "source": model.source,
+        "method": model.method,
+        "backbone": model.info.backbone,
+        "embedding_size": model.info.embedding_size,
+        "input_size": list(model.info.input_size),
+        "color_order": order,
+        "uncertainty_kind": model.kind if model.head is not None else None,
+        "shards": str(shards_dir),
+        "rejection_rates": list(rejection_rates),
+        "folds": n_folds,
+        "flip": flip,
+    }
+    written.insert(1, write_metrics(out, info, "model.json"))
+    return summary, written

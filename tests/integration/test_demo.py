@@ -1,0 +1,62 @@
+"""The main job (`facepipe demo`, what `make demo` runs) at a tiny size: it finishes, registers models
+with aliases, prints the summary, stops every service it started, and a second run reuses its work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TINY = [
+    "synth.identities=30", "synth.images_per_identity=6", "synth.pairs=100", "synth.workers=1",
+    "decode.workers=1", "train_backbone.epochs=1", "train_backbone.batch_size=32",
+    "train_uncertainty.epochs=1", "train_uncertainty.classes_per_batch=8",
+    "train_uncertainty.images_per_class=2",
+]  # fmt: skip
+
+
+def _children_named(workdir: Path) -> list[str]:
+    """Processes still running whose command line mentions the demo's folder (services it started)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(workdir) in part for part in proc.info["cmdline"] or []):
+                found.append(" ".join(proc.info["cmdline"]))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _demo(workdir: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "facepipe", "demo", "--workdir", str(workdir), "--methods", "probface"]
+    for item in TINY:
+        cmd += ["--set", item]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200, stdin=subprocess.DEVNULL)
+
+
+def test_demo_runs_twice_and_stops_its_services(tmp_path):
+    workdir = tmp_path / "demo"
+    first = _demo(workdir)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    assert "facepipe demo finished" in first.stdout
+    assert "facepipe-backbone v1" in first.stdout and "facepipe-probface v1" in first.stdout
+    assert "champion" in first.stdout and "mlflow ui" in first.stdout and "prefect server start" in first.stdout
+    summary = json.loads((workdir / "reports" / "demo-summary.json").read_text())
+    assert {m["name"] for m in summary["models"]} == {"facepipe-backbone", "facepipe-probface"}
+    assert summary["data_version"]  # the raw dataset was versioned with DVC
+    assert list((workdir / "reports").glob("facepipe-probface-v1/plots/*/roc.png"))
+    assert _children_named(workdir) == []
+
+    second = _demo(workdir)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    summary = json.loads((workdir / "reports" / "demo-summary.json").read_text())
+    stages = summary["stages"]
+    # nothing changed: the data and training stages are reused, not redone
+    assert all(stages[name] == "up to date" for name in stages if not name.startswith("benchmark")), stages
+    assert _children_named(workdir) == []
