@@ -49,7 +49,9 @@ def test_a_process_in_another_directory_finds_the_drivers_run(tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     uri = "sqlite:///mlflow.db"
-    mlc = MlflowClient(tracking_uri=uri)
+    # the driver creates the run through the absolute form: MLflow caches stores per URI string in a
+    # process, so a relative URI here could reuse another test's database
+    mlc = MlflowClient(tracking_uri=absolute_tracking_uri(uri))
     run_id = mlc.create_run(mlc.create_experiment("e")).info.run_id
     elsewhere = tmp_path / "worker-cwd"
     elsewhere.mkdir()
