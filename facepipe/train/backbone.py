@@ -428,6 +428,23 @@ class StageResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def print_stage_summary(
+    title: str, name: str, result: StageResult, output_label: str, output: object, seconds: float | None
+) -> None:
+    """The short end-of-stage summary every training stage prints: run, MLflow run, output, model."""
+    model = result.model
+    lines = {
+        "run": name,
+        "mlflow run": result.run_id,
+        output_label: output,
+        "accuracy": result.metrics.get("accuracy"),
+        "model": f"{model['name']} v{model['version']}" if model else "not registered",
+    }
+    if seconds is not None:
+        lines["seconds"] = f"{seconds:.0f}"
+    print(summary(title, lines))
+
+
 def train_backbone(
     config: Config,
     shards_dir: str | os.PathLike | None = None,
@@ -489,21 +506,7 @@ def train_backbone(
     finally:
         if track and run_id:
             tracking.end_run(config.tracking, run_id, status)
-    print(
-        summary(
-            "facepipe train backbone",
-            {
-                "run": name,
-                "mlflow run": run_id,
-                "bundle": bundle,
-                "accuracy": metrics.get("accuracy"),
-                "model": f"{result.model['name']} v{result.model['version']}"
-                if result.model
-                else "not registered",
-                "seconds": f"{outcome.seconds:.0f}",
-            },
-        )
-    )
+    print_stage_summary("facepipe train backbone", name, result, "bundle", bundle, outcome.seconds)
     return result
 
 

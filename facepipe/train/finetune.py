@@ -25,7 +25,6 @@ import numpy as np
 
 from facepipe.config import Config
 from facepipe.errors import FacepipeError
-from facepipe.progress import summary
 
 
 def pairwise_sq_dist(x: Any) -> Any:
@@ -200,7 +199,7 @@ def finetune(
 ) -> Any:
     """Fine-tune a backbone (triplet + centre term); registers it as a new `facepipe-backbone` version."""
     from facepipe import tracking
-    from facepipe.train.backbone import StageResult, resolve_data
+    from facepipe.train.backbone import StageResult, print_stage_summary, resolve_data
     from facepipe.train.checkpoint import load_bundle
     from facepipe.train.features import verify_pairs
     from facepipe.train.ray_job import absolute_tracking_uri, ray_session, run_training, worker_config
@@ -247,18 +246,5 @@ def finetune(
     finally:
         if track and run_id:
             tracking.end_run(config.tracking, run_id, status)
-    print(
-        summary(
-            "facepipe train finetune",
-            {
-                "run": name,
-                "mlflow run": run_id,
-                "bundle": bundle,
-                "accuracy": metrics.get("accuracy"),
-                "model": f"{result.model['name']} v{result.model['version']}"
-                if result.model
-                else "not registered",
-            },
-        )
-    )
+    print_stage_summary("facepipe train finetune", name, result, "bundle", bundle, None)
     return result

@@ -31,7 +31,6 @@ import numpy as np
 from facepipe.config import Config
 from facepipe.errors import FacepipeError
 from facepipe.fsutil import write_json_atomic
-from facepipe.progress import summary
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +532,7 @@ def train_uncertainty(
 ) -> Any:
     """Train an uncertainty head on a frozen backbone; returns a `StageResult` (see backbone.py)."""
     from facepipe import tracking
-    from facepipe.train.backbone import StageResult, resolve_data
+    from facepipe.train.backbone import StageResult, print_stage_summary, resolve_data
     from facepipe.train.checkpoint import load_bundle
     from facepipe.train.ray_job import absolute_tracking_uri, ray_session, run_training, worker_config
 
@@ -624,19 +623,7 @@ def train_uncertainty(
     finally:
         if track and run_id:
             tracking.end_run(config.tracking, run_id, status)
-    print(
-        summary(
-            f"facepipe train uncertainty ({method})",
-            {
-                "run": name,
-                "mlflow run": run_id,
-                "head": head_dir,
-                "accuracy": metrics.get("accuracy"),
-                "model": f"{result.model['name']} v{result.model['version']}"
-                if result.model
-                else "not registered",
-                "seconds": f"{outcome.seconds:.0f}",
-            },
-        )
+    print_stage_summary(
+        f"facepipe train uncertainty ({method})", name, result, "head", head_dir, outcome.seconds
     )
     return result
