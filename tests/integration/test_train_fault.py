@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, sample_dataset, tmp_path):
     config = small_config(sample_dataset, tmp_path, ray_cluster.address)
     tb = config.train_backbone
-    tb.max_steps = 14
+    tb.max_steps = 30  # room for the kill to land after a registered checkpoint, even on a fast machine
+    tb.epochs = 8  # 5 steps an epoch on the sample dataset: enough for max_steps
     tb.checkpoint_every_steps = 3
     tb.verify_every_epoch = False
     tb.partial_fc_threshold = 0  # class centres sharded over the two workers (PartialFC), saved per rank
@@ -42,11 +43,17 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, sample_dataset,
     # wait for the first checkpoint and a few steps past it, then kill rank 1's process
     deadline = time.monotonic() + 300
     victim = None
+    # Ray's controller collects a reported checkpoint only at its next health check (0.2 s here): a kill
+    # right after the worker logs one may precede its registration, so wait until it is safely known
+    first_seen: dict[int, float] = {}
     while time.monotonic() < deadline and thread.is_alive():
         events = read_events(events_path)
         checkpoints = [e["step"] for e in events if e["event"] == "checkpoint"]
         steps = [e["step"] for e in events if e["event"] == "step"]
-        if checkpoints and steps and steps[-1] >= checkpoints[-1] + 1 and steps[-1] < tb.max_steps - 2:
+        for step in checkpoints:
+            first_seen.setdefault(step, time.monotonic())
+        settled = checkpoints and time.monotonic() - first_seen[checkpoints[0]] >= 1.0
+        if settled and steps and steps[-1] >= checkpoints[-1] + 1 and steps[-1] < tb.max_steps - 2:
             victim = next(e["pid"] for e in events if e["event"] == "start" and e["rank"] == 1)
             os.kill(victim, signal.SIGKILL)
             break
