@@ -107,6 +107,7 @@ class TrainBackboneConfig(Section):
     batch_size: int = 128  # per worker
     max_minutes: float | None = None  # wall-clock cap for CPU demos
     amp: bool = True  # only takes effect on GPU
+    channels_last: bool = True  # NHWC tensors (faster convolutions on CPU and with AMP on GPU)
     partial_fc_threshold: int = 50_000  # class count above which PartialFC shards the centres
     partial_fc_sample_rate: float = 0.3
     checkpoint_every_steps: int = 200

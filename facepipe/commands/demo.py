@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     mlflow = services.mlflow_local(workdir / "mlflow")
     overrides = [
         *DEMO_OVERRIDES,
+        # one backbone worker that uses two cores' threads where the Ray head has them
+        f"train_backbone.scaling.cpus_per_worker={min(2, args.cpus or os.cpu_count() or 1)}",
         f"tracking.tracking_uri={mlflow['tracking_uri']}",
         *args.overrides,
     ]
@@ -181,7 +183,13 @@ def _benchmark_lines(report_dirs: list[str]) -> list[str]:
             parts = [f"acc {acc.get('accuracy', float('nan')):.3f}±{acc.get('std', float('nan')):.3f}"]
             deg = m.get("degradation") or {}
             if "clean_accuracy" in deg:
-                parts.append(f"clean {deg['clean_accuracy']:.3f} / degraded {deg['degraded_accuracy']:.3f}")
+                bands = [f"clean {deg['clean_accuracy']:.3f}"]
+                bands += [
+                    f"{band.replace('_', ' ')} {deg[band + '_accuracy']:.3f}"
+                    for band in ("degraded", "heavily_degraded")
+                    if band + "_accuracy" in deg
+                ]
+                parts.append(" / ".join(bands))
             if deg.get("spearman_uncertainty_degradation") is not None:
                 parts.append(f"spearman(unc, degradation) {deg['spearman_uncertainty_degradation']:.2f}")
             for score, risk in (m.get("risk") or {}).items():

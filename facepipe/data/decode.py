@@ -102,7 +102,10 @@ def decode_dataset(
         },
     )
     write_manifest(out, manifest)
-    manifest["_run"] = {"skipped_shards": sum(1 for r in results if r.get("skipped"))}
+    manifest["_run"] = {  # about this run, not the data: not written to the manifest file
+        "skipped_shards": sum(1 for r in results if r.get("skipped")),
+        "source_hash_cache_hits": hasher.cache_hits,
+    }
     return manifest
 
 

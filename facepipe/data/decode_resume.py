@@ -88,7 +88,8 @@ class SourceHasher(threading.Thread):
     """Hashes source files in the background while the ranges convert (hashlib and file reads release
     the GIL); cached by (size, mtime, inode) in OUT/.decode so a resumed run doesn't hash twice.
 
-    `result` maps each path to {"size", "sha256"}; `stop` ends it early when the conversion failed.
+    `result` maps each path to {"size", "sha256"}; `cache_hits` counts the files whose hash came from
+    the cache; `stop` ends it early when the conversion failed.
     """
 
     def __init__(self, files: list[Path], done_dir: Path):
@@ -96,6 +97,7 @@ class SourceHasher(threading.Thread):
         self.files = files
         self.cache_path = done_dir / SOURCE_HASH_CACHE
         self.result: dict[str, dict] = {}
+        self.cache_hits = 0
         self.error: BaseException | None = None
         self.stop = threading.Event()
 
@@ -105,7 +107,9 @@ class SourceHasher(threading.Thread):
             for path in self.files:
                 key = _stat_key(path.stat())
                 entry = cache.get(str(path))
-                if not (entry and all(entry.get(k) == v for k, v in key.items())):
+                if entry and all(entry.get(k) == v for k, v in key.items()):
+                    self.cache_hits += 1
+                else:
                     digest = sha256_mapped(path, self.stop)
                     if digest is None:
                         return

@@ -3,8 +3,10 @@
 `convert_range(task)` is a plain top-level function of a picklable dict, so a local process pool or a
 Ray task can run it. It walks its range in row-group sized chunks of the memory-mapped file, parses them
 with numpy (`decode_parse`), gathers the payloads into one Arrow buffer and writes the shard (temp file
-+ rename, hashed while written). Memory per worker is a few chunks, whatever the file size. The
-done-marker is written after the shard, so a killed worker leaves either both or a range to redo.
++ rename, hashed while written). Writing is pipelined: a thread encodes and writes chunk n (Arrow
+releases the GIL) while this thread parses chunk n+1. Memory per worker is a few chunks, whatever the
+file size. The done-marker is written after the shard, so a killed worker leaves either both or a range
+to redo.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -47,13 +51,15 @@ def convert_range(task: dict) -> dict:
         ShardWriter(
             out.parent, "part", target_bytes=_ONE_FILE, row_group_bytes=_ONE_FILE, start_index=task["index"]
         ) as writer,
+        _WriteBehind(writer) as behind,
     ):
-        for lo, hi in _chunks(task["offsets"], task["ends"], task["row_group_bytes"]):
-            table = _convert_chunk(task, source, lo, hi, rejects, stats)
-            if table is not None:
-                writer.write(table)
-            del table  # its values buffer is reused by the next chunk
+        for n, (lo, hi) in enumerate(_chunks(task["offsets"], task["ends"], task["row_group_bytes"])):
+            table = _convert_chunk(task, source, lo, hi, rejects, stats, slot=n % _WriteBehind.SLOTS)
             source.release()
+            if table is not None:
+                behind.submit(table)
+            del table  # its gather buffer is reused SLOTS chunks later, once this write is done
+        behind.wait()
         # an all-rejected range still leaves a (valid, empty) shard, so resume sees it as done
         shard = writer.close(keep_empty=True)[0]
     # Arrow's pool keeps a chunk's worth of freed buffers for reuse within the range (refaulting them
@@ -89,6 +95,59 @@ def _chunks(offsets: np.ndarray, ends: np.ndarray, chunk_bytes: int):
         start = stop
 
 
+class _WriteBehind:
+    """Runs `writer.write(table)` on one thread, in order, at most `DEPTH` writes in flight.
+
+    Parquet encoding and the file write release the GIL, so they overlap with parsing and gathering the
+    next chunk here. A gather buffer is free again `SLOTS` chunks later. (Deeper queues measured no
+    faster on the shared 2-core machine and cost a 4 MB buffer each.) A failed write is raised by the
+    next `submit`/`wait` (later queued writes are skipped); on the way out after an error the writes in
+    flight are waited for (errors dropped) before the shard writer aborts the file.
+    """
+
+    DEPTH = 1
+    SLOTS = DEPTH + 1
+
+    def __init__(self, writer) -> None:
+        self._writer = writer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: deque[Future] = deque()
+        self._failed = False
+
+    def _write(self, table) -> None:
+        if self._failed:
+            return
+        try:
+            self._writer.write(table)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def submit(self, table) -> None:
+        while len(self._pending) >= self.DEPTH:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._write, table))
+
+    def wait(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> _WriteBehind:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            else:
+                self._failed = True  # queued writes are skipped
+                for pending in self._pending:
+                    with contextlib.suppress(BaseException):
+                        pending.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 class _MappedSource:
     """The source file mapped once per range, plus a gather buffer reused from chunk to chunk.
 
@@ -105,7 +164,7 @@ class _MappedSource:
             self.mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if self.size else None
         finally:
             os.close(fd)  # the mapping keeps the file open
-        self.values = np.zeros(0, np.uint8)
+        self.values = [np.zeros(0, np.uint8) for _ in range(_WriteBehind.SLOTS)]
         self._mapped: tuple[int, int] | None = None
 
     def read(self, offset: int, span: int) -> memoryview:
@@ -121,12 +180,13 @@ class _MappedSource:
             self.mm.madvise(mmap.MADV_DONTNEED, *self._mapped)
             self._mapped = None
 
-    def values_for(self, size: int, capacity: int) -> np.ndarray:
-        """A buffer of `size` bytes; allocated once at the chunk capacity, since growing it chunk by
-        chunk would leave the allocator's freed smaller blocks behind (RSS creeping with input size)."""
-        if len(self.values) < size:
-            self.values = np.empty(max(size, capacity), np.uint8)
-        return self.values[:size]
+    def values_for(self, size: int, capacity: int, slot: int) -> np.ndarray:
+        """Gather buffer `slot`, `size` bytes long; allocated once at the chunk capacity, since growing it
+        chunk by chunk would leave the allocator's freed smaller blocks behind (RSS creeping with input
+        size)."""
+        if len(self.values[slot]) < size:
+            self.values[slot] = np.empty(max(size, capacity), np.uint8)
+        return self.values[slot][:size]
 
     def __enter__(self) -> _MappedSource:
         return self
@@ -138,9 +198,11 @@ class _MappedSource:
                 self.mm.close()
 
 
-def _convert_chunk(task: dict, source: _MappedSource, lo: int, hi: int, rejects: list[dict], stats: dict):
+def _convert_chunk(
+    task: dict, source: _MappedSource, lo: int, hi: int, rejects: list[dict], stats: dict, slot: int
+):
     """Records lo..hi of the range (one contiguous stretch of the file) → a table of the training
-    schema, or None when every record was rejected."""
+    schema (its image bytes in gather buffer `slot`), or None when every record was rejected."""
     keys = task["keys"][lo:hi]
     offsets = task["offsets"][lo:hi]
     ends = np.minimum(task["ends"][lo:hi], source.size)
@@ -166,14 +228,14 @@ def _convert_chunk(task: dict, source: _MappedSource, lo: int, hi: int, rejects:
     if len(rows) == 0:
         return None
 
-    image, image_bytes = _gather_payloads(parsed, region, rows, source, task["row_group_bytes"])
+    image, image_bytes = _gather_payloads(parsed, region, rows, source, task["row_group_bytes"], slot)
     labels = parsed.labels[rows].astype(np.int64) + task["label_offset"]
     _update_stats(stats, labels, image_bytes)
     return _training_table(task, keys[rows], labels, image, lo, hi, rows)
 
 
 def _gather_payloads(
-    parsed: ParsedChunk, region: memoryview, rows: np.ndarray, source: _MappedSource, capacity: int
+    parsed: ParsedChunk, region: memoryview, rows: np.ndarray, source: _MappedSource, capacity: int, slot: int
 ):
     """The kept payloads as one Arrow binary array (one copy into a reused buffer + an offsets array),
     and their total size."""
@@ -189,7 +251,7 @@ def _gather_payloads(
         lengths = stops - starts
     value_offsets = np.zeros(len(rows) + 1, dtype=np.int32)  # a chunk is one row group: far below 2 GiB
     np.cumsum(lengths, out=value_offsets[1:])
-    values = source.values_for(int(value_offsets[-1]), capacity)
+    values = source.values_for(int(value_offsets[-1]), capacity, slot)
     np.concatenate(pieces, out=values)
     array = pa.Array.from_buffers(
         pa.binary(), len(rows), [None, pa.py_buffer(value_offsets), pa.py_buffer(values)]

@@ -18,6 +18,7 @@ import contextlib
 import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -187,14 +188,13 @@ def read_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         if size > _BIG_INDEX:
             keys, offsets = _read_index_arrow(path)
         else:
-            fields = path.read_bytes().split()
-            if len(fields) % 2:
+            values = _parse_index_text(path.read_bytes())
+            if len(values) % 2:
                 raise DataError("index has a line without a key and an offset", str(path))
-            values = np.array(fields, dtype=np.int64) if fields else np.zeros(0, np.int64)
             keys, offsets = values[0::2].copy(), values[1::2].copy()
     except OSError as err:
         raise DataError(f"cannot read index: {err.strerror}", str(path)) from err
-    except ValueError as err:
+    except (ValueError, OverflowError) as err:
         raise DataError(f"index holds a non-integer field: {err}", str(path)) from err
     ordered = np.sort(keys)  # (np.unique hashes: several times slower than a sort on int64 keys)
     if np.any(ordered[1:] == ordered[:-1]):
@@ -203,6 +203,35 @@ def read_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         bad = int(keys[np.flatnonzero((offsets < 0) | (offsets % 4 != 0))[0]])
         raise DataError("index offset is negative or not 4-byte aligned", str(path), bad)
     return keys, offsets
+
+
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[list(b" \t\n\r\v\f")] = True
+_INDEX_CHARACTERS = b"0123456789- \t\n\r\v\f"
+
+
+def _parse_index_text(data: bytes) -> np.ndarray:
+    """The whitespace-separated integers of an `.idx` file, as int64.
+
+    numpy's C text parser reads a clean file ~10x faster than splitting it into Python bytes; anything
+    it could misread (other characters, a parse stopping early, a saturated out-of-range value, a count
+    that differs from the whitespace-separated fields) goes the slow way, which names the bad field.
+    """
+    if not data.translate(None, _INDEX_CHARACTERS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            try:
+                values = np.fromstring(data, dtype=np.int64, sep=" ")
+            except (ValueError, DeprecationWarning):
+                values = None
+        if values is not None:
+            blank = _WHITESPACE[np.frombuffer(data, dtype=np.uint8)]
+            fields = int(np.count_nonzero(~blank[1:] & blank[:-1])) + int(len(blank) > 0 and not blank[0])
+            limits = np.iinfo(np.int64)
+            if len(values) == fields and not np.any((values == limits.max) | (values == limits.min)):
+                return values
+    fields = data.split()
+    return np.array(fields, dtype=np.int64) if fields else np.zeros(0, np.int64)
 
 
 def sorted_unique(values: np.ndarray) -> np.ndarray:

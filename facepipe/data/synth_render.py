@@ -273,9 +273,10 @@ def sample_nuisance(rng: np.random.Generator, degradation: float) -> Nuisance:
         brightness=_u(rng, -25.0, 25.0),
         contrast=_u(rng, 0.7, 1.2),
         blur_sigma=3.2 * d**1.4 * strength() if d > 0.05 else 0.0,
-        downscale=1.0 / (1.0 + 4.5 * d**1.5 * strength()),
-        noise_sigma=24.0 * d * strength(),
-        occlusions=int(rng.binomial(2, min(1.0, 0.8 * d**1.2))) if d > 0.2 else 0,
+        downscale=1.0 / (1.0 + 4.0 * d**1.5 * strength()),
+        noise_sigma=20.0 * d * strength(),
+        # occluders only from moderate damage on: a "clean" image (< 0.3) keeps its whole face
+        occlusions=int(rng.binomial(2, min(1.0, 0.8 * d**1.5))) if d > 0.35 else 0,
         jpeg_quality=int(round(95 - 80 * d * strength())),
         seed=int(rng.integers(1 << 31)),
     )
@@ -785,7 +786,7 @@ def degrade(img: np.ndarray, nz: Nuisance) -> np.ndarray:
     for _ in range(nz.occlusions):
         colour = _bgr(rng.uniform(0, 255, 3))
         kind = rng.integers(3)
-        extent = (0.25 + 0.35 * nz.degradation) * side
+        extent = (0.2 + 0.3 * nz.degradation) * side
         if kind == 0:  # horizontal bar (sunglasses, a scarf, a caption)
             y = rng.uniform(0.25, 0.8) * side
             h = rng.uniform(0.1, 0.2) * side

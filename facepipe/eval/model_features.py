@@ -175,10 +175,12 @@ def pair_table_features(
 # ---------------------------------------------------------------------------------------------
 
 CLEAN_MAX = 0.3  # a "clean" pair: both images' generated degradation below this
+HEAVY_MIN = 0.7  # a "heavily degraded" pair: either image's degradation above this
 
 
 def degradation_metrics(features: PairFeatures, n_folds: int = 10) -> dict[str, Any]:
-    """10-fold accuracy on clean / degraded pairs, and Spearman(uncertainty, degradation) per image."""
+    """10-fold accuracy on clean (both < 0.3), degraded (either >= 0.3) and heavily degraded (either > 0.7)
+    pairs, and Spearman(uncertainty, degradation) per image."""
     from facepipe.eval.verification import evaluate_embeddings
 
     if features.degradation is None:
@@ -187,7 +189,12 @@ def degradation_metrics(features: PairFeatures, n_folds: int = 10) -> dict[str, 
     out: dict[str, Any] = {}
     known = ~np.isnan(d).any(axis=1)
     worst = np.where(known, np.nan_to_num(d, nan=0.0).max(axis=1), np.nan)
-    for label, mask in (("clean", known & (worst < CLEAN_MAX)), ("degraded", known & (worst >= CLEAN_MAX))):
+    bands = (
+        ("clean", known & (worst < CLEAN_MAX)),
+        ("degraded", known & (worst >= CLEAN_MAX)),
+        ("heavily_degraded", known & (worst > HEAVY_MIN)),
+    )
+    for label, mask in bands:
         idx = np.flatnonzero(mask)
         out[f"n_{label}_pairs"] = int(idx.size)
         same = features.issame[idx]

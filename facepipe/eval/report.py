@@ -40,6 +40,15 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
+    """Axis labels, title, a light log-friendly grid and the legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", ls=":", lw=0.6)
+    ax.legend(loc=legend_loc)
+
+
 def plot_roc(
     curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = ""
 ) -> Path:
@@ -55,11 +64,7 @@ def plot_roc(
     ax.set_xscale("log")
     ax.set_xlim(min(max(lo, 1e-6), 0.1), 1.0)
     ax.set_ylim(0.0, 1.01)
-    ax.set_xlabel("False accept rate (FAR, log scale)")
-    ax.set_ylabel("True accept rate (TAR)")
-    ax.set_title(title or "ROC")
-    ax.grid(True, which="both", ls=":", lw=0.6)
-    ax.legend(loc="lower right")
+    _label(ax, "False accept rate (FAR, log scale)", "True accept rate (TAR)", title or "ROC", "lower right")
     return _save(plt, fig, Path(path))
 
 
@@ -79,11 +84,8 @@ def plot_det(
     ax.set_yscale("log")
     ax.set_xlim(min(max(lo_x, 1e-6), 0.1), 1.0)
     ax.set_ylim(min(max(lo_y, 1e-4), 0.1), 1.0)
-    ax.set_xlabel("False match rate (FMR, log scale)")
-    ax.set_ylabel("False non-match rate (FNMR, log scale)")
-    ax.set_title(title or "DET")
-    ax.grid(True, which="both", ls=":", lw=0.6)
-    ax.legend(loc="upper right")
+    fmr, fnmr = "False match rate (FMR, log scale)", "False non-match rate (FNMR, log scale)"
+    _label(ax, fmr, fnmr, title or "DET", "upper right")
     return _save(plt, fig, Path(path))
 
 

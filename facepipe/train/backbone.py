@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from facepipe.config import Config, OptimConfig
-from facepipe.errors import FacepipeError, NonFiniteLossError
-from facepipe.fsutil import write_json_atomic
+from facepipe.errors import FacepipeError
 from facepipe.progress import summary
+from facepipe.train.nonfinite import all_agree
+from facepipe.train.schedule import BudgetSchedule, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,6 @@ def build_optimizer(params: Any, optim: OptimConfig) -> Any:
     if optim.name == "sgd":
         return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, power: float) -> float:
-    """Linear warmup to 1 over `warmup_steps`, then (1 - progress)^power down to 0 at `total_steps`."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(total_steps - warmup_steps, 1)
-    return max(1.0 - (step - warmup_steps) / span, 0.0) ** power
 
 
 def build_scheduler(optimizer: Any, total_steps: int, warmup_steps: int, power: float) -> Any:
@@ -160,17 +153,6 @@ def _objective_module(backbone: Any, head: Any) -> Any:
     return Objective()
 
 
-def all_agree(flags: list[float]) -> list[float]:
-    """Sum small per-rank flags over the process group (so every rank takes the same decision)."""
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor(flags, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 # ---------------------------------------------------------------------------------------------
 # The per-worker loop
 # ---------------------------------------------------------------------------------------------
@@ -182,11 +164,11 @@ def backbone_worker(cfg: dict[str, Any]) -> None:
     import torch
 
     from facepipe.data.loader import ShardLoader
-    from facepipe.models.losses import check_finite
     from facepipe.models.registry import build_backbone, build_margin_head
     from facepipe.tracking import MetricLogger
     from facepipe.train.checkpoint import BundleInfo, load_training_state, save_bundle, save_training_state
     from facepipe.train.features import verify_pairs
+    from facepipe.train.nonfinite import nonfinite_flag, record_nonfinite
     from facepipe.train.ray_job import set_threads, worker_context, worker_device
 
     set_threads()
@@ -228,6 +210,9 @@ def backbone_worker(cfg: dict[str, Any]) -> None:
             num_classes=data.num_classes,
             **head_kwargs,
         )
+    # NHWC: oneDNN's convolutions with few channels run several times faster than NCHW on CPU
+    memory_format = torch.channels_last if tb.channels_last else torch.contiguous_format
+    backbone = backbone.to(memory_format=memory_format)
     objective = _objective_module(backbone, head)
     if partial_fc:
         # the backbone is data-parallel; the sharded centres are not (each rank owns its own slice)
@@ -257,7 +242,8 @@ def backbone_worker(cfg: dict[str, Any]) -> None:
         total_steps = min(total_steps, tb.max_steps)
     warmup = int(tb.optim.warmup_epochs * steps_per_epoch)
     optimizer = build_optimizer([p for p in objective.parameters() if p.requires_grad], tb.optim)
-    scheduler = build_scheduler(optimizer, total_steps, warmup, tb.optim.poly_power)
+    budget_s = tb.max_minutes * 60 if tb.max_minutes is not None else None
+    scheduler = BudgetSchedule(optimizer, total_steps, warmup, tb.optim.poly_power, budget_s)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     step = 0
@@ -328,6 +314,8 @@ def backbone_worker(cfg: dict[str, Any]) -> None:
             model, data.shards_dir, input_size, data.color_order, config.eval.folds, cfg.get("raw_dir")
         )
 
+    # time used by earlier attempts of this run counts against the budget (restored with the schedule)
+    elapsed_before = scheduler.elapsed_s
     start_time = time.monotonic()
     samples = 0
     # steady-state throughput: from the end of this attempt's first step (warm-up excluded)
@@ -339,23 +327,19 @@ def backbone_worker(cfg: dict[str, Any]) -> None:
         epoch, first_batch = divmod(step, steps_per_epoch)
         t0 = time.monotonic()
         for batch in loader.epoch(epoch, start_batch=first_batch):
-            images = batch.images.to(device, non_blocking=True)
+            images = batch.images.to(device, non_blocking=True, memory_format=memory_format)
             labels = batch.labels.to(device, non_blocking=True)
             loss = objective(images, labels, use_amp)
             where = f"epoch {epoch}, batch {batch.index} (step {step + 1}, rank {rank})"
-            over_time = tb.max_minutes is not None and time.monotonic() - start_time > tb.max_minutes * 60
-            bad, late = all_agree([0.0 if torch.isfinite(loss.detach()).all() else 1.0, float(over_time)])
+            # ranks agree on the time used so that the rate (a function of it) stays identical on all
+            own_elapsed = elapsed_before + time.monotonic() - start_time
+            bad, elapsed = all_agree([nonfinite_flag(loss), own_elapsed])
+            elapsed /= world
+            late = budget_s is not None and elapsed > budget_s
             if bad:
                 # every rank stops here together; a rank whose own loss is bad leaves its record beside
                 # the checkpoints (plain return: a raise would make Ray retry a deterministic failure)
-                try:
-                    check_finite(loss, where)
-                except NonFiniteLossError as err:
-                    write_json_atomic(
-                        Path(cfg["error_dir"]) / f"nonfinite-rank{rank}.json",
-                        {"message": str(err), "step": step},
-                    )
-                    events.write(event="nonfinite", rank=rank, step=step + 1, message=str(err))
+                record_nonfinite(loss, where, cfg["error_dir"], rank, step, events)
                 loader.close()
                 return
             optimizer.zero_grad(set_to_none=True)
@@ -364,7 +348,7 @@ def backbone_worker(cfg: dict[str, Any]) -> None:
             grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), tb.optim.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            scheduler.step(elapsed)
             step += 1
             samples += len(labels)
             if rate_start is None:
@@ -458,7 +442,7 @@ def train_backbone(
     Re-running with the same `run_name` resumes that run from its latest checkpoint.
     """
     from facepipe import tracking
-    from facepipe.train.ray_job import absolute_tracking_uri, ray_session, run_training, worker_config
+    from facepipe.train.ray_job import launch_stage
 
     tb = config.train_backbone
     data = resolve_data(shards_dir or config.paths.shards)
@@ -466,33 +450,12 @@ def train_backbone(
     run_id = (
         tracking.start_run(config, "backbone", data.shards_dir, "train_backbone", name) if track else None
     )
-    error_dir = Path(config.paths.runs).resolve() / name / "errors"
-    for stale in error_dir.glob("nonfinite-rank*.json"):  # from an earlier attempt of this run name
-        stale.unlink()
-    error_dir.mkdir(parents=True, exist_ok=True)
-    loop_config = {
-        "config": worker_config(config),
-        "data": data.to_dict(),
-        "tracking_uri": absolute_tracking_uri(config.tracking.tracking_uri) if track else None,
-        "run_id": run_id,
-        "events_path": str(Path(events_path).resolve()) if events_path else None,
-        "raw_dir": str(Path(config.paths.raw).resolve()),
-        "error_dir": str(error_dir),
-    }
+    stage_config = {"data": data.to_dict(), "raw_dir": str(Path(config.paths.raw).resolve())}
     status = "FAILED"
     try:
-        with ray_session(tb.scaling.address):
-            outcome = run_training(
-                backbone_worker,
-                loop_config,
-                tb.scaling,
-                config.paths.runs,
-                name,
-                max_failures=tb.max_failures,
-            )
-        raise_recorded_failure(error_dir)
-        if outcome.checkpoint_path is None:
-            raise FacepipeError(f"training run {name} finished without a checkpoint")
+        outcome = launch_stage(
+            backbone_worker, config, tb.scaling, name, run_id, stage_config, events_path, tb.max_failures
+        )
         bundle = Path(outcome.checkpoint_path) / "bundle"
         assemble_centres(Path(outcome.checkpoint_path), bundle)
         metrics = {k: v for k, v in outcome.metrics.items() if isinstance(v, int | float)}
@@ -508,13 +471,6 @@ def train_backbone(
             tracking.end_run(config.tracking, run_id, status)
     print_stage_summary("facepipe train backbone", name, result, "bundle", bundle, outcome.seconds)
     return result
-
-
-def raise_recorded_failure(error_dir: Path) -> None:
-    """Raise the non-finite-loss error a worker recorded (lowest rank first), if any."""
-    records = sorted(error_dir.glob("nonfinite-rank*.json"), key=lambda p: int(p.stem.split("rank")[1]))
-    if records:
-        raise NonFiniteLossError(json.loads(records[0].read_text())["message"])
 
 
 def assemble_centres(checkpoint_dir: Path, bundle: Path) -> None:

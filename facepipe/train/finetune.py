@@ -79,10 +79,10 @@ def finetune_worker(cfg: dict[str, Any]) -> None:
     import torch
 
     from facepipe.data.loader import decode_rows, normalise, shard_units
-    from facepipe.models.losses import check_finite
     from facepipe.tracking import MetricLogger
     from facepipe.train.backbone import EventLog, build_optimizer, build_scheduler
     from facepipe.train.checkpoint import load_bundle, load_training_state, save_bundle, save_training_state
+    from facepipe.train.nonfinite import stop_on_nonfinite
     from facepipe.train.ray_job import set_threads, worker_context
     from facepipe.train.uncertainty import epoch_plan, unit_labels, windows
 
@@ -153,7 +153,10 @@ def finetune_worker(cfg: dict[str, Any]) -> None:
                 emb = model(images)
                 trip, terms = triplet_loss(emb, lab, ft.triplet_margin, ft.hardest)
                 loss = trip + centre_loss(emb, lab, centres, scale, ft.centre_weight)
-                check_finite(loss, f"epoch {epoch}, batch {index} (step {step + 1}, rank {rank})")
+                where = f"epoch {epoch}, batch {index} (step {step + 1}, rank {rank})"
+                if stop_on_nonfinite(loss, where, cfg, rank, step, events):
+                    metrics_log.flush()
+                    return  # every rank together; the driver raises the recorded error (no Ray retry)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), ft.optim.grad_clip)
@@ -202,7 +205,7 @@ def finetune(
     from facepipe.train.backbone import StageResult, print_stage_summary, resolve_data
     from facepipe.train.checkpoint import load_bundle
     from facepipe.train.features import verify_pairs
-    from facepipe.train.ray_job import absolute_tracking_uri, ray_session, run_training, worker_config
+    from facepipe.train.ray_job import launch_stage
 
     ft = config.finetune
     data = resolve_data(shards_dir or config.paths.shards)
@@ -211,27 +214,10 @@ def finetune(
         backbone_uri or ft.backbone_uri, config.tracking, Path(config.paths.runs).resolve() / name / "start"
     )
     run_id = tracking.start_run(config, "finetune", data.shards_dir, "finetune", name) if track else None
-    loop_config = {
-        "config": worker_config(config),
-        "bundle": str(Path(bundle_dir).resolve()),
-        "image_shards": data.shards,
-        "tracking_uri": absolute_tracking_uri(config.tracking.tracking_uri) if track else None,
-        "run_id": run_id,
-        "events_path": str(Path(events_path).resolve()) if events_path else None,
-    }
+    stage_config = {"bundle": str(Path(bundle_dir).resolve()), "image_shards": data.shards}
     status = "FAILED"
     try:
-        with ray_session(ft.scaling.address):
-            outcome = run_training(
-                finetune_worker,
-                loop_config,
-                ft.scaling,
-                config.paths.runs,
-                name,
-                max_failures=config.train_backbone.max_failures,
-            )
-        if outcome.checkpoint_path is None:
-            raise FacepipeError(f"fine-tuning run {name} finished without a checkpoint")
+        outcome = launch_stage(finetune_worker, config, ft.scaling, name, run_id, stage_config, events_path)
         bundle = Path(outcome.checkpoint_path) / "bundle"
         backbone, info, _ = load_bundle(bundle)
         metrics = verify_pairs(

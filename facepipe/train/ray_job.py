@@ -1,7 +1,9 @@
 """Running a training loop on Ray Train: cluster attach, Train configs, per-worker helpers.
 
 The stages (`backbone.py`, `uncertainty.py`, `finetune.py`) each define a per-worker loop function and
-call `run_training`, which wraps it in a `TorchTrainer` (Ray Train v2) with:
+call `launch_stage`, which adds the keys every loop reads (config, MLflow run, events file, error
+directory), attaches Ray and calls `run_training`, which wraps the loop in a `TorchTrainer` (Ray Train
+v2) with:
 
 * `ScalingConfig` from the config (workers, GPUs, CPUs per worker),
 * `RunConfig(storage_path, name)`: re-running with the same name resumes the run from its latest
@@ -26,6 +28,7 @@ from typing import Any
 from facepipe.config import Config
 from facepipe.config import ScalingConfig as ScalingSection
 from facepipe.errors import FacepipeError
+from facepipe.train.nonfinite import clear_records, raise_recorded_failure
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +166,44 @@ def run_training(
         raise FacepipeError(f"training run {name!r} failed: {_root_message(result.error)}")
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return TrainOutcome(dict(result.metrics or {}), checkpoint, str(storage / name), time.monotonic() - start)
+
+
+def launch_stage(
+    loop: Callable[[dict[str, Any]], None],
+    config: Config,
+    scaling: ScalingSection,
+    name: str,
+    run_id: str | None,
+    stage_config: dict[str, Any],
+    events_path: str | os.PathLike | None = None,
+    max_failures: int | None = None,
+) -> TrainOutcome:
+    """Run one training stage's `loop` on Ray Train and return its outcome, which has a checkpoint.
+
+    The loop gets `stage_config` plus the keys every stage's loop reads: `config` (plain data, paths
+    absolute), `tracking_uri` and `run_id` (None when `run_id` is None: no tracking), `events_path`
+    and `error_dir` (`<paths.runs>/<name>/errors`, for `facepipe.train.nonfinite`). Raises the
+    `NonFiniteLossError` a worker recorded, or `FacepipeError` when the run fails or ends without a
+    checkpoint. `max_failures` defaults to `train_backbone.max_failures`.
+    """
+    error_dir = Path(config.paths.runs).resolve() / name / "errors"
+    clear_records(error_dir)
+    loop_config = {
+        "config": worker_config(config),
+        "tracking_uri": absolute_tracking_uri(config.tracking.tracking_uri) if run_id else None,
+        "run_id": run_id,
+        "events_path": str(Path(events_path).resolve()) if events_path else None,
+        "error_dir": str(error_dir),
+        **stage_config,
+    }
+    if max_failures is None:
+        max_failures = config.train_backbone.max_failures
+    with ray_session(scaling.address):
+        outcome = run_training(loop, loop_config, scaling, config.paths.runs, name, max_failures=max_failures)
+    raise_recorded_failure(error_dir)  # before the checkpoint check: a stop at step 1 leaves none
+    if outcome.checkpoint_path is None:
+        raise FacepipeError(f"training run {name} finished without a checkpoint")
+    return outcome
 
 
 def _root_message(err: BaseException) -> str:

@@ -288,15 +288,10 @@ def head_worker(cfg: dict[str, Any]) -> None:
     import torch
 
     from facepipe.data.loader import shard_units
-    from facepipe.models.losses import check_finite
     from facepipe.tracking import MetricLogger
-    from facepipe.train.backbone import (
-        EventLog,
-        all_agree,
-        build_optimizer,
-        build_scheduler,
-    )
+    from facepipe.train.backbone import EventLog, build_optimizer, build_scheduler
     from facepipe.train.checkpoint import load_bundle, load_training_state, save_training_state
+    from facepipe.train.nonfinite import stop_on_nonfinite
     from facepipe.train.ray_job import set_threads, worker_context
     from facepipe.uncertainty import get_method
 
@@ -381,10 +376,10 @@ def head_worker(cfg: dict[str, Any]) -> None:
         t0 = time.monotonic()
         for index in range(first, steps_per_epoch):
             loss, terms = head_loss(model, method, *source.batch(plan[index]), class_weights)
-            (bad,) = all_agree([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
-            if bad:
-                check_finite(loss, f"epoch {epoch}, batch {index} (step {step + 1}, rank {rank})")
-                raise FacepipeError(f"non-finite loss on another worker at epoch {epoch}, batch {index}")
+            where = f"epoch {epoch}, batch {index} (step {step + 1}, rank {rank})"
+            if stop_on_nonfinite(loss, where, cfg, rank, step, events):
+                metrics_log.flush()
+                return  # every rank together; the driver raises the recorded error (no Ray retry)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tu.optim.grad_clip)
@@ -534,7 +529,7 @@ def train_uncertainty(
     from facepipe import tracking
     from facepipe.train.backbone import StageResult, print_stage_summary, resolve_data
     from facepipe.train.checkpoint import load_bundle
-    from facepipe.train.ray_job import absolute_tracking_uri, ray_session, run_training, worker_config
+    from facepipe.train.ray_job import launch_stage
 
     tu = config.train_uncertainty
     method = (method or tu.method).lower()
@@ -558,8 +553,7 @@ def train_uncertainty(
         "embedding_size": features.embedding_size,
         "extra": tu.extra,
     }
-    loop_config = {
-        "config": worker_config(config),
+    stage_config = {
         "method": method,
         "bundle": str(Path(bundle_dir).resolve()),
         "cache_dir": features.cache_dir,
@@ -569,23 +563,10 @@ def train_uncertainty(
         "embedding_size": features.embedding_size,
         "head_meta": head_meta,
         "window_rows": 8192,
-        "tracking_uri": absolute_tracking_uri(config.tracking.tracking_uri) if track else None,
-        "run_id": run_id,
-        "events_path": str(Path(events_path).resolve()) if events_path else None,
     }
     status = "FAILED"
     try:
-        with ray_session(tu.scaling.address):
-            outcome = run_training(
-                head_worker,
-                loop_config,
-                tu.scaling,
-                config.paths.runs,
-                name,
-                max_failures=config.train_backbone.max_failures,
-            )
-        if outcome.checkpoint_path is None:
-            raise FacepipeError(f"training run {name} finished without a checkpoint")
+        outcome = launch_stage(head_worker, config, tu.scaling, name, run_id, stage_config, events_path)
         head_dir = Path(outcome.checkpoint_path) / "head"
         backbone, info, _ = load_bundle(bundle_dir)
         metrics = evaluate_head(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import cv2
@@ -18,7 +20,7 @@ from facepipe.cli import main
 from facepipe.data import recordio as rio
 from facepipe.data.decode import decode_dataset
 from facepipe.data.insightface import write_training_set
-from facepipe.data.shards import list_shards, read_manifest, read_pair_table
+from facepipe.data.shards import ShardWriter, list_shards, read_manifest, read_pair_table
 from facepipe.data.verification_bin import write_bin
 from facepipe.errors import DataError
 from facepipe.fsutil import sha256_file
@@ -48,6 +50,24 @@ def make_source(folder: Path, n_classes=6, per_class=5, seed=0, pairs=4, **kwarg
     return folder
 
 
+def copy_files(folder: Path, dest: Path, names) -> Path:
+    """A fresh source folder `dest` holding copies of `names` from `folder` (fixtures stay read-only)."""
+    dest.mkdir()
+    for name in names:
+        shutil.copy(folder / name, dest / name)
+    return dest
+
+
+def write_flat_set(folder: Path, images: list[bytes], per_class: int, first_key: int = 0) -> Path:
+    """A flat `.rec`/`.idx` (no header record, no identity records): image i has class i // per_class."""
+    folder.mkdir()
+    with rio.IndexedRecordWriter(folder / "train.rec", folder / "train.idx") as writer:
+        for i, image in enumerate(images):
+            key = first_key + i
+            writer.write(key, rio.pack(rio.IRHeader(0, float(i // per_class), key, 0), image))
+    return folder
+
+
 def shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in list_shards(out)}
 
@@ -65,16 +85,9 @@ def sha(data: bytes) -> str:
 
 @pytest.fixture
 def fixture_source(recordio_dir, tmp_path):
-    src = tmp_path / "tiny"
-    src.mkdir()
-    for name in [
-        "tiny_train.rec",
-        "tiny_train.idx",
-        "property",
-        *sorted(p.name for p in recordio_dir.glob("*.bin")),
-    ]:
-        shutil.copy(recordio_dir / name, src / name)
-    return src
+    bins = sorted(p.name for p in recordio_dir.glob("*.bin"))
+    names = ["tiny_train.rec", "tiny_train.idx", "property", *bins]
+    return copy_files(recordio_dir, tmp_path / "tiny", names)
 
 
 def test_decode_fixture(recordio_dir, fixture_source, tmp_path):
@@ -117,10 +130,7 @@ def test_decode_fixture(recordio_dir, fixture_source, tmp_path):
 
 
 def test_face2rec2_and_two_sources(recordio_dir, fixture_source, tmp_path):
-    f2r = tmp_path / "f2r"
-    f2r.mkdir()
-    for suffix in (".rec", ".idx", ".property"):
-        shutil.copy(recordio_dir / f"f2r_train{suffix}", f2r / f"f2r_train{suffix}")
+    f2r = copy_files(recordio_dir, tmp_path / "f2r", [f"f2r_train{s}" for s in (".rec", ".idx", ".property")])
     exp = json.loads((recordio_dir / "f2r_train.expected.json").read_text())
     manifest = decode_dataset([fixture_source, f2r], tmp_path / "out", target_bytes=1 << 20, workers=1)
     assert manifest["num_classes"] == 16 and manifest["num_images"] == 68
@@ -136,10 +146,7 @@ def test_face2rec2_and_two_sources(recordio_dir, fixture_source, tmp_path):
 
 def test_mxnet_multilabel_file_given_as_rec_path(recordio_dir, tmp_path):
     """MXNet's label edge cases, without header or property: odd records are rejected with reasons."""
-    src = tmp_path / "ml"
-    src.mkdir()
-    for suffix in (".rec", ".idx"):
-        shutil.copy(recordio_dir / f"multilabel{suffix}", src / f"multilabel{suffix}")
+    src = copy_files(recordio_dir, tmp_path / "ml", ["multilabel.rec", "multilabel.idx"])
     with pytest.raises(DataError, match=r"label 1\.5 is not a class index.*multilabel\.rec.*record 2"):
         decode_dataset([src / "multilabel.rec"], tmp_path / "strict", workers=1)
     manifest = decode_dataset(
@@ -161,11 +168,44 @@ def test_deterministic_whatever_the_workers(tmp_path):
     assert len(one["shards"]) >= 4
     assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
     assert one["shards"] == two["shards"]
+    assert one["_run"]["source_hash_cache_hits"] == 0
     again = decode_dataset([src], tmp_path / "one", target_bytes=12_000, workers=1)
     assert again["_run"]["skipped_shards"] == len(one["shards"])  # a rerun finds every range done
+    assert again["_run"]["source_hash_cache_hits"] == len(again["sources"][0]["files"])  # rec, idx, ...
     assert again["shards"] == one["shards"]
     keys = read_rows(tmp_path / "one")["key"].to_pylist()
     assert keys == list(range(1, 81))
+
+
+def test_failed_write_on_the_writer_thread_stops_cleanly(tmp_path, monkeypatch):
+    """Row groups are written on a thread while the next chunk is parsed: a failure there (a full disk)
+    stops the range with that error, leaves no shard, temp file or marker, and a rerun is complete."""
+    src = make_source(tmp_path / "src", n_classes=10, per_class=8, pairs=0)
+    out = tmp_path / "out"
+    threads: list[str] = []
+    real_write = ShardWriter.write
+
+    def failing_write(self, table):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, table)
+
+    monkeypatch.setattr(ShardWriter, "write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        decode_dataset([src], out, workers=1, row_group_bytes=2_000)
+    assert len(threads) == 3 and all(name.startswith("shard-writer") for name in threads)
+    assert not list((out / "train").iterdir()) and not list((out / ".decode").glob("part-*"))
+    assert not (out / "manifest.json").exists()
+
+    monkeypatch.undo()
+    manifest = decode_dataset([src], out, workers=1, row_group_bytes=2_000)
+    rows = read_rows(out)
+    assert pq.read_metadata(out / manifest["shards"][0]["path"]).num_row_groups > 3
+    assert rows["key"].to_pylist() == list(range(1, 81))  # row groups in order, none lost
+    with rio.IndexedRecordFile(src / "train.rec", src / "train.idx") as rec:
+        stored = [rec.read_header(key)[1] for key in range(1, 81)]
+    assert rows["image"].to_pylist() == stored
 
 
 def test_custom_runner_gets_picklable_tasks(tmp_path):
@@ -231,12 +271,7 @@ def test_degradation_sidecar_joined(tmp_path):
 
 
 def test_flat_set_without_property(tmp_path):
-    src = tmp_path / "flat"
-    src.mkdir()
-    images = [im for c in make_classes(3, 2) for im in c]
-    with rio.IndexedRecordWriter(src / "train.rec", src / "train.idx") as writer:
-        for key, image in enumerate(images):
-            writer.write(key, rio.pack(rio.IRHeader(0, float(key // 2), key, 0), image))
+    src = write_flat_set(tmp_path / "flat", [im for c in make_classes(3, 2) for im in c], per_class=2)
     manifest = decode_dataset([src], tmp_path / "out", workers=1)
     assert manifest["num_classes"] == 3 and manifest["num_images"] == 6 and manifest["image_size"] == [32, 32]
 
@@ -260,12 +295,7 @@ def test_truncated_rec(tmp_path):
 
 
 def test_truncated_rec_without_header(tmp_path):
-    src = tmp_path / "flat"
-    src.mkdir()
-    images = [im for c in make_classes(2, 3) for im in c]
-    with rio.IndexedRecordWriter(src / "train.rec", src / "train.idx") as writer:
-        for key, image in enumerate(images):
-            writer.write(key, rio.pack(rio.IRHeader(0, float(key // 3), key, 0), image))
+    src = write_flat_set(tmp_path / "flat", [im for c in make_classes(2, 3) for im in c], per_class=3)
     (src / "property").write_text("2,32,32\n")
     data = (src / "train.rec").read_bytes()
     (src / "train.rec").write_bytes(data[: _offset(src, 5) + 100])
@@ -347,13 +377,9 @@ def test_skip_bad_records_rejects(tmp_path):
 
 
 def test_empty_image_payload(tmp_path):
-    src = tmp_path / "flat"
-    src.mkdir()
     images = [im for c in make_classes(2, 2) for im in c]
     images[2] = b""
-    with rio.IndexedRecordWriter(src / "train.rec", src / "train.idx") as writer:
-        for key, image in enumerate(images):
-            writer.write(key, rio.pack(rio.IRHeader(0, float(key // 2), key, 0), image))
+    src = write_flat_set(tmp_path / "flat", images, per_class=2)
     with pytest.raises(DataError, match=r"empty payload.*record 2"):
         decode_dataset([src], tmp_path / "out", workers=1)
 

@@ -268,3 +268,30 @@ def test_unpack_rejects_short_records():
 def test_empty_file(tmp_path):
     (tmp_path / "e.rec").write_bytes(b"")
     assert list(rio.read_records(tmp_path / "e.rec")) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"0", b"7", b"42", b"-3", b"9" * 19, b"9" * 20, b"1.5", b"x", b"1-2", b"+4",
+                                 b" ", b"\t", b"\n", b"\r\n", b"\v"]), max_size=12))  # fmt: skip
+def test_fast_index_parser_agrees_with_splitting(pieces):
+    """numpy's text parser (the fast path) gives exactly what splitting into fields gives, or the same
+    error: whatever it might misread goes the slow way."""
+    data = b"".join(pieces)
+    try:
+        expected = np.array(data.split(), dtype=np.int64) if data.split() else np.zeros(0, np.int64)
+    except (ValueError, OverflowError) as err:
+        with pytest.raises(type(err)):
+            rio._parse_index_text(data)
+        return
+    got = rio._parse_index_text(data)
+    assert got.dtype == np.int64 and got.tolist() == expected.tolist()
+
+
+def test_index_with_odd_or_huge_fields(tmp_path):
+    rec, idx = _write_three(tmp_path)
+    idx.write_text("0\t0\n1\n")
+    with pytest.raises(DataError, match="without a key and an offset"):
+        rio.IndexedRecordFile(rec, idx)
+    idx.write_text(f"0\t0\n{10**20}\t4\n")
+    with pytest.raises(DataError, match="non-integer"):
+        rio.IndexedRecordFile(rec, idx)
