@@ -64,6 +64,9 @@ def plain_loop(config, data, steps: int, threads: int) -> float:
         num_classes=data.num_classes,
         **margin_head_kwargs(tb.margin.name, tb.margin.s, tb.margin.m, tb.margin.extra),
     )
+    # the same memory format the Ray worker trains in (NHWC by default)
+    memory_format = torch.channels_last if tb.channels_last else torch.contiguous_format
+    backbone = backbone.to(memory_format=memory_format)
     objective = _objective_module(backbone, head)
     optimizer = build_optimizer([p for p in objective.parameters() if p.requires_grad], tb.optim)
     scheduler = build_scheduler(optimizer, steps, 0, tb.optim.poly_power)
@@ -81,7 +84,8 @@ def plain_loop(config, data, steps: int, threads: int) -> float:
     with loader:
         while step < steps:
             for batch in loader.epoch(step // len(loader), start_batch=step % len(loader)):
-                loss = objective(batch.images, batch.labels, False)
+                images = batch.images.contiguous(memory_format=memory_format)
+                loss = objective(images, batch.labels, False)
                 if not torch.isfinite(loss.detach()).all():
                     raise RuntimeError("non-finite loss")
                 optimizer.zero_grad(set_to_none=True)
