@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from facepipe.train.ray_job import ray_session
 
     methods = [m for m in args.methods.split(",") if m]
-    result: dict[str, Any] = {"config": {k: v for k, v in vars(args).items()}, "seeds": {}}
+    result: dict[str, Any] = {"config": dict(vars(args)), "seeds": {}}
     # the stages print their summaries on stdout, which carries only this script's JSON
     with ray_session(None), contextlib.redirect_stdout(sys.stderr):
         for seed in args.seeds:
