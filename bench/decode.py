@@ -2,8 +2,9 @@
 
 Prints one JSON object:
 - convert_mb_s: .rec megabytes per second through `decode_dataset` as `facepipe decode` runs it by default
-  (`--workers` = config `decode.workers`, 256 MB shards; a 110 MB input is one range, converted in-process
-  whatever the worker count); convert_1_worker_mb_s / ratio_vs_floor_1_worker: the same with one worker.
+  (`--workers` = config `decode.workers`, 256 MB shards, the default source hash, named by `source_hash`:
+  xxh3_128; a 110 MB input is one range, converted in-process whatever the worker count);
+  convert_1_worker_mb_s / ratio_vs_floor_1_worker: the same with one worker.
   Every timed conversion is cold: fresh output folder, no cached source hash (`source_hash_cache_hits`
   and `skipped_shards` say so, and must be 0)
 - floor_mb_s: the same .rec read sequentially + pyarrow writing an already-built table of the same rows
@@ -11,12 +12,15 @@ Prints one JSON object:
 - ratio_vs_floor = convert_mb_s / floor_mb_s (goal >= 0.8), from the best of N runs of each; also from
   medians, and the median of per-repeat ratios (each floor run over the conversion run just before it).
   ratio_vs_floor_cpu: the same from CPU seconds (all threads, best run of each): the conversion spreads
-  its work over threads (parse + gather | Parquet encode + write | shard sha256 | source sha256), the floor
+  its work over threads (parse + gather | Parquet encode + write | shard sha256 | source hash), the floor
   is one thread, so this is the ratio a machine with no core to spare would see
 - convert_main_thread_cpu_s: CPU of the parsing/gathering thread alone (writing and hashing run beside it)
 - floor_with_hashes_mb_s: the floor plus sha256 of the source (in the read loop) and of the written file
-  (from the page cache, before the fsync), the two passes the manifest needs, done serially the cheapest
-  way (ratio_vs_floor_with_hashes[_cpu] compare against it)
+  (from the page cache, before the fsync), done serially the cheapest way (ratio_vs_floor_with_hashes[_cpu]
+  compare against it). Always sha256 for both (`floor_with_hashes_source_hash`), as when the manifest
+  held the sources' sha256, so the figure stays comparable across versions;
+  floor_with_convert_hashes_mb_s / ratio_vs_floor_with_convert_hashes[_cpu]: the same floor hashing the
+  source with the conversion's `source_hash` (the two passes the manifest needs now)
 - floor_fsync_s: the floor's closing fsync (it waits for the whole file to reach the disk; the conversion
   starts each row group's writeback as soon as it is hashed, so disk and CPU overlap there)
 - read_by_key_records_s: IndexedRecordFile.read + unpack for random image keys
@@ -29,7 +33,6 @@ warmed first. Usage: python bench/decode.py [--size-mb 110] [--small] [--repeats
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -117,17 +120,18 @@ def child_convert(src: str, out: str, workers: int) -> dict:
         "shards": len(manifest["shards"]),
         "skipped_shards": manifest["_run"]["skipped_shards"],
         "source_hash_cache_hits": manifest["_run"]["source_hash_cache_hits"],
+        "source_hash": manifest["settings"]["source_hash"],
         "peak_rss_mb": _peak_rss_mb(),
     }
 
 
-def child_floor(src: str, out: str, hashed: bool = False) -> dict:
-    """The floor; with `hashed`, also sha256 of the bytes read and of the file written (what the
-    manifest needs: a conversion cannot avoid these two passes over the data)."""
+def child_floor(src: str, out: str, source_hash: str | None = None) -> dict:
+    """The floor; with `source_hash`, also that hash of the bytes read and sha256 of the file written
+    (what the manifest needs: a conversion cannot avoid these two passes over the data)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from facepipe.data.decode_hashing import sha256_mapped
+    from facepipe.data.decode_hashing import new_hash, sha256_mapped
     from facepipe.data.recordio import header_label, read_records, unpack
     from facepipe.data.shards import DEFAULT_ROW_GROUP_BYTES, TRAIN_SCHEMA, _writer_options, conform
 
@@ -156,7 +160,8 @@ def child_floor(src: str, out: str, hashed: bool = False) -> dict:
     target = os.path.join(out, "floor.parquet")
     buffer = bytearray(8 << 20)
     view = memoryview(buffer)
-    source_digest, shard_digest = hashlib.sha256(), ""
+    hashed = source_hash is not None
+    source_digest, shard_digest = new_hash(source_hash or "sha256"), ""
     cpu = _cpu()
     start = time.perf_counter()
     with open(Path(src) / "train.rec", "rb", buffering=0) as handle:
@@ -176,7 +181,10 @@ def child_floor(src: str, out: str, hashed: bool = False) -> dict:
     os.unlink(target)
     result = {"seconds": elapsed, "cpu_seconds": cpu, "fsync_seconds": fsync_seconds, "rows": table.num_rows}
     if hashed:
-        result["sha256"] = {"source": source_digest.hexdigest(), "written": shard_digest}
+        result["digests"] = {
+            f"source_{source_hash}": source_digest.hexdigest(),
+            "written_sha256": shard_digest,
+        }
     return result
 
 
@@ -223,8 +231,10 @@ def main() -> None:
         mode, *rest = args.child
         if mode == "convert":
             result = child_convert(rest[0], rest[1], int(rest[2]))
-        elif mode in ("floor", "floor_hashed"):
-            result = child_floor(rest[0], rest[1], hashed=mode == "floor_hashed")
+        elif mode == "floor":
+            result = child_floor(rest[0], rest[1])
+        elif mode == "floor_hashed":
+            result = child_floor(rest[0], rest[1], source_hash=rest[2])
         else:
             result = child_read_by_key(rest[0], int(rest[1]))
         print(json.dumps(result))
@@ -242,7 +252,9 @@ def main() -> None:
         small = generate(work / "small", size_mb / 10, seed=1)
         for info in (big, small):
             _warm(info["rec"])
-        convert, one_worker, floor, hashed = [], [], [], []
+        from facepipe.data.decode_hashing import DEFAULT_SOURCE_HASH
+
+        convert, one_worker, floor, hashed, hashed_as_convert = [], [], [], [], []
         for _ in range(repeats):  # interleaved, so load changes on a shared machine hit all alike
             convert.append(run_child("convert", str(work / "big"), str(work / "out"), str(args.workers)))
             _warm(big["rec"])
@@ -251,7 +263,11 @@ def main() -> None:
                 _warm(big["rec"])
             floor.append(run_child("floor", str(work / "big"), str(work / "floor")))
             _warm(big["rec"])
-            hashed.append(run_child("floor_hashed", str(work / "big"), str(work / "floor")))
+            hashed.append(run_child("floor_hashed", str(work / "big"), str(work / "floor"), "sha256"))
+            _warm(big["rec"])
+            hashed_as_convert.append(
+                run_child("floor_hashed", str(work / "big"), str(work / "floor"), DEFAULT_SOURCE_HASH)
+            )
             _warm(big["rec"])
         rss_big = run_child("convert", str(work / "big"), str(work / "out"), "1")["peak_rss_mb"]
         rss_small = run_child("convert", str(work / "small"), str(work / "out"), "1")["peak_rss_mb"]
@@ -260,6 +276,8 @@ def main() -> None:
         timed = convert + one_worker
         if any(r["source_hash_cache_hits"] or r["skipped_shards"] for r in timed):
             raise RuntimeError("a timed conversion reused cached work: the headline must be a cold run")
+        if {r["source_hash"] for r in timed} != {DEFAULT_SOURCE_HASH}:
+            raise RuntimeError("a timed conversion did not use the default source hash")
         rec_mb = big["rec_bytes"] / MB
         # Best of N: on a shared machine the fastest run is the one least disturbed by other load.
         convert_mb_s = rec_mb / min(r["seconds"] for r in convert)
@@ -273,11 +291,14 @@ def main() -> None:
         floor_cpu = min(r["cpu_seconds"] for r in floor)
         hashed_cpu = min(r["cpu_seconds"] for r in hashed)
         hashed_mb_s = rec_mb / min(r["seconds"] for r in hashed)
+        as_convert_cpu = min(r["cpu_seconds"] for r in hashed_as_convert)
+        as_convert_mb_s = rec_mb / min(r["seconds"] for r in hashed_as_convert)
         result = {
             "rec_mb": round(rec_mb, 1),
             "records": big["num_images"],
             "workers": args.workers,
             "ranges": convert[0]["shards"],
+            "source_hash": DEFAULT_SOURCE_HASH,  # what the timed conversions fingerprinted the sources with
             "repeats": repeats,
             "convert_mb_s": round(convert_mb_s, 1),
             "floor_mb_s": round(floor_mb_s, 1),
@@ -307,6 +328,11 @@ def main() -> None:
             "floor_with_hashes_cpu_s": [round(r["cpu_seconds"], 3) for r in hashed],
             "ratio_vs_floor_with_hashes": round(convert_mb_s / hashed_mb_s, 3),
             "ratio_vs_floor_with_hashes_cpu": round(hashed_cpu / convert_cpu, 3),
+            "floor_with_hashes_source_hash": "sha256",
+            "floor_with_convert_hashes_mb_s": round(as_convert_mb_s, 1),
+            "floor_with_convert_hashes_cpu_s": [round(r["cpu_seconds"], 3) for r in hashed_as_convert],
+            "ratio_vs_floor_with_convert_hashes": round(convert_mb_s / as_convert_mb_s, 3),
+            "ratio_vs_floor_with_convert_hashes_cpu": round(as_convert_cpu / convert_cpu, 3),
             "read_by_key_records_s": round(by_key["records"] / by_key["seconds"], 1),
             "peak_rss_mb": {
                 f"{small['rec_bytes'] / MB:.1f}MB": round(rss_small, 1),

@@ -1,6 +1,6 @@
 """Benchmark: uncertainty-head epoch time with the feature cache vs recomputing the frozen backbone.
 
-    python bench/head.py [--shards DIR] [--images 4000] [--method probface] [--backbone iresnet_tiny]
+    python bench/head.py [--shards DIR] [--images 4000] [--method probface] [--backbone NAME] [--input-size N]
 
 Both runs train the same head on the same P×K plan with the same step code (`head_loss`); one reads
 (embedding, conv map) rows from the cache shards, the other decodes the images and runs the frozen
@@ -48,8 +48,11 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, default=None)
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--method", default="probface", choices=["pfe", "probface", "scf"])
-    parser.add_argument("--backbone", default="iresnet_tiny")
-    parser.add_argument("--input-size", type=int, default=56)
+    from facepipe.config import BackboneConfig
+
+    default = BackboneConfig()  # the configured CPU backbone and its input size
+    parser.add_argument("--backbone", default=default.name)
+    parser.add_argument("--input-size", type=int, default=default.input_size[0])
     args = parser.parse_args()
 
     import torch

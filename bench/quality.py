@@ -52,6 +52,10 @@ def _config(args: argparse.Namespace, seed: int, root: Path) -> Any:
         f"train_backbone.scaling.cpus_per_worker={args.cpus_per_worker}",
         f"train_uncertainty.seed={seed}",
         f"train_uncertainty.epochs={args.head_epochs}",
+        # the generated identities carry left/right-asymmetric cues (hair parting, moles, marks) that a
+        # mirrored copy contradicts: no flip augmentation, and no mirror averaging when scoring
+        "train_backbone.loader.flip=false",
+        "eval.flip=false",
         *args.set,
     ]
     return load_config(args.params, overrides)
@@ -79,7 +83,9 @@ def _backbone(config: Any, name: str, out: Path) -> dict[str, Any]:
 
     result = train_backbone(config, run_name=name, register=False, track=False)
     model = load_eval_model(str(result.bundle_dir), config.tracking)
-    summary, _ = evaluate_model(model, config.paths.shards, out, n_folds=config.eval.folds)
+    summary, _ = evaluate_model(
+        model, config.paths.shards, out, n_folds=config.eval.folds, flip=config.eval.flip
+    )
     report: dict[str, Any] = {
         "train_seconds": round(result.seconds, 1),
         "steps": result.metrics.get("step"),

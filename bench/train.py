@@ -1,6 +1,6 @@
 """Benchmark: backbone training throughput through Ray Train (one worker) vs a plain single-process loop.
 
-    python bench/train.py [--shards DIR] [--steps 40] [--batch 64] [--input-size 56] [--threads 2]
+    python bench/train.py [--shards DIR] [--steps 40] [--batch 64] [--input-size N] [--threads 2]
 
 Both sides train the same model (registry backbone + margin head, AdamW, warmup/poly schedule,
 gradient clipping) on the same shards with the same `ShardLoader`; throughput is measured from the end
@@ -14,6 +14,7 @@ Without --shards it generates a small sample dataset first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ def make_dataset(root: Path) -> Path:
     from facepipe.data.decode import decode_dataset
     from facepipe.data.synthetic import SynthConfig, generate
 
-    generate(root / "raw", SynthConfig(identities=100, images_per_identity=10, pairs=100, size=64))
+    generate(root / "raw", SynthConfig(identities=100, images_per_identity=10, pairs=100, size=112))
     decode_dataset([root / "raw"], root / "shards", workers=1)
     return root / "shards"
 
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--input-size", type=int, default=56)
+    parser.add_argument("--input-size", type=int, default=None, help="default: the configured backbone's")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     _thread_env(args.threads)
@@ -122,7 +123,8 @@ def main() -> None:
         config = Config()
         config.paths.runs = str(tmp / "runs")
         tb = config.train_backbone
-        tb.backbone.input_size = (args.input_size, args.input_size)
+        if args.input_size:
+            tb.backbone.input_size = (args.input_size, args.input_size)
         tb.batch_size = args.batch
         tb.max_steps = args.steps
         tb.epochs = 1000
@@ -138,7 +140,9 @@ def main() -> None:
 
         ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
         try:
-            result = train_backbone(config, shards, run_name="bench", track=False)
+            # the stage's summary goes to stderr: stdout carries only this script's JSON
+            with contextlib.redirect_stdout(sys.stderr):
+                result = train_backbone(config, shards, run_name="bench", track=False)
         finally:
             ray.shutdown()
         wall = time.monotonic() - t0
@@ -148,7 +152,8 @@ def main() -> None:
             {
                 "steps": args.steps,
                 "batch": args.batch,
-                "input_size": args.input_size,
+                "backbone": tb.backbone.name,
+                "input_size": tb.backbone.input_size[0],
                 "samples_s": round(ray_rate, 1),
                 "baseline_samples_s": round(baseline, 1),
                 "ratio": round(ray_rate / baseline, 3),

@@ -1,2 +1,3 @@
 """facepipe: a data-and-training pipeline for uncertainty-aware face recognition."""
+
 __version__ = "0.1.0"

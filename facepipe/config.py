@@ -46,6 +46,7 @@ class DecodeConfig(Section):
     validate_images: bool = False
     skip_bad: bool = False
     color_order: Literal["RGB", "BGR"] = "RGB"
+    source_hash: Literal["xxh3_128", "sha256"] = "xxh3_128"  # source files' digest in the manifest
 
 
 class AlignConfig(Section):
@@ -63,9 +64,11 @@ class MarginConfig(Section):
 
 
 class BackboneConfig(Section):
-    name: str = "iresnet_tiny"
+    # the CPU default: full 112×112 crops through a stride-2 stem cost about what 56×56 ones do with
+    # iresnet_tiny, and keep the fine detail (eyes, brows) that tells relatives apart
+    name: str = "iresnet_tiny_s2"
     embedding_size: int = 128
-    input_size: tuple[int, int] = (56, 56)
+    input_size: tuple[int, int] = (112, 112)
     extra: dict[str, Any] = Field(default_factory=dict)  # backbone-specific keyword arguments
 
 
@@ -116,6 +119,9 @@ class TrainBackboneConfig(Section):
     max_steps: int | None = None  # stop after this many optimiser steps (tests, smoke runs)
     log_every_steps: int = 10  # per-step metrics to MLflow
     verify_every_epoch: bool = True  # 10-fold verification on the pair tables after each epoch
+    # training-time verification embeds each image once (`facepipe evaluate` adds the mirror): on CPU the
+    # mirror doubles a cost that is taken out of the training budget every epoch
+    verify_flip: bool = False
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
 
 

@@ -29,6 +29,7 @@ def decode_argv(s: FlowSettings) -> list[str]:
     argv = [
         "decode", s.config.paths.raw, s.config.paths.shards,
         "--target-mb", str(c.target_mb), "--workers", str(c.workers), "--color-order", c.color_order,
+        "--source-hash", c.source_hash,
     ]  # fmt: skip
     return argv + (["--validate"] if c.validate_images else []) + (["--skip-bad"] if c.skip_bad else [])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from facepipe.data.decode_hashing import DEFAULT_SOURCE_HASH, SOURCE_HASHES
 from facepipe.errors import FacepipeError
 
 
@@ -47,6 +48,15 @@ def register(subparsers) -> None:
         help="colour order the model takes, recorded in the manifest (default RGB, as InsightFace models)",
     )
     parser.add_argument("--row-group-mb", type=float, default=None, help="row group size (default 4)")
+    parser.add_argument(
+        "--source-hash",
+        choices=list(SOURCE_HASHES),
+        default=DEFAULT_SOURCE_HASH,
+        help=(
+            f"digest of each source file recorded in the manifest (default {DEFAULT_SOURCE_HASH}: fast, "
+            "not cryptographic; shards always get sha256)"
+        ),
+    )
     parser.set_defaults(func=run)
 
 
@@ -66,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         color_order=args.color_order,
         row_group_bytes=int(args.row_group_mb * (1 << 20)) if args.row_group_mb else None,
+        source_hash=args.source_hash,
     )
     shard_bytes = sum(s["bytes"] for s in manifest["shards"])
     lines = {

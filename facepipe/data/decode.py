@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from facepipe.data.decode_hashing import DEFAULT_SOURCE_HASH, SOURCE_HASHES
 from facepipe.data.decode_manifest import build_manifest, source_files, write_rejects
 from facepipe.data.decode_pairs import write_pairs
 from facepipe.data.decode_plan import build_plan, dataset_ids, plan_ranges
@@ -39,6 +40,7 @@ def decode_dataset(
     color_order: str = "RGB",
     row_group_bytes: int | None = None,
     runner: Runner | None = None,
+    source_hash: str = DEFAULT_SOURCE_HASH,
 ) -> dict:
     """Convert InsightFace dataset folders into Parquet shards, pair tables and a manifest.
 
@@ -49,10 +51,14 @@ def decode_dataset(
         runner = lambda fn, tasks: ray.get([remote.remote(t) for t in tasks])
 
     Several sources become one training set with disjoint label ranges (source i's labels are offset
-    by the class counts of sources 0..i-1). Returns the manifest (also written to OUT/manifest.json).
+    by the class counts of sources 0..i-1). Each source file's size and `source_hash` digest (xxh3_128
+    or sha256) go into the manifest; shards always get sha256. Returns the manifest (also written to
+    OUT/manifest.json).
     """
     from facepipe.data.shards import DEFAULT_ROW_GROUP_BYTES, write_manifest
 
+    if source_hash not in SOURCE_HASHES:
+        raise DataError(f"source hash must be one of {', '.join(SOURCE_HASHES)}, not {source_hash!r}")
     if color_order not in ("RGB", "BGR"):
         raise DataError(f"colour order must be RGB or BGR, not {color_order!r}")
     if not sources:
@@ -73,7 +79,7 @@ def decode_dataset(
     pairs, pair_rejects, pair_inputs = write_pairs(plan.sets, ids, out, validate, skip_bad)
 
     # The source hashes overlap the conversion: a thread reading and hashing releases the GIL.
-    hasher = SourceHasher(source_files(plan.sets, plan.sources) + pair_inputs, out / DONE_DIR)
+    hasher = SourceHasher(source_files(plan.sets, plan.sources) + pair_inputs, out / DONE_DIR, source_hash)
     hasher.start()
     try:
         results = run_tasks(plan.tasks, workers, runner)
@@ -99,6 +105,7 @@ def decode_dataset(
             "row_group_bytes": row_group_bytes,
             "validate": bool(validate),
             "skip_bad": bool(skip_bad),
+            "source_hash": source_hash,
         },
     )
     write_manifest(out, manifest)

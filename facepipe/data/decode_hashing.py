@@ -1,4 +1,11 @@
-"""sha256 of a file straight from a memory mapping: no copy out of the page cache, flat memory."""
+"""File hashes straight from a memory mapping (no copy out of the page cache, flat memory), and the
+shard hasher that follows a file while it is written.
+
+Source files are fingerprinted with a choice of algorithm: xxh3-128 by default (not cryptographic, but
+ample to tell a changed or damaged input, at ~6x the speed of sha256 even with SHA-NI: sha256 of the
+sources was about a quarter of a conversion's CPU), or sha256 where a cryptographic digest is wanted.
+Shards are always hashed with sha256.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +16,34 @@ import mmap
 import os
 import threading
 
-__all__ = ["sha256_mapped"]
+from facepipe.errors import DataError
+
+__all__ = ["DEFAULT_SOURCE_HASH", "SOURCE_HASHES", "AppendHasher", "hash_mapped", "new_hash", "sha256_mapped"]
+
+SOURCE_HASHES = ("xxh3_128", "sha256")
+DEFAULT_SOURCE_HASH = "xxh3_128"
 
 
-def sha256_mapped(
-    path: str | os.PathLike, stop: threading.Event | None = None, window: int = 2 << 20
+def new_hash(algorithm: str):
+    """A fresh hash object (`update`, `hexdigest`) for one of SOURCE_HASHES."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    raise DataError(f"unknown source hash {algorithm!r}: choose one of {', '.join(SOURCE_HASHES)}")
+
+
+def hash_mapped(
+    path: str | os.PathLike,
+    algorithm: str = "sha256",
+    stop: threading.Event | None = None,
+    window: int = 2 << 20,
 ) -> str | None:
-    """Hex sha256 of the file, hashed one mapped `window` at a time, each window dropped from this
+    """Hex digest of the file, hashed one mapped `window` at a time, each window dropped from this
     process after use (so resident memory stays at one window); None if `stop` was set midway."""
-    digest = hashlib.sha256()
+    digest = new_hash(algorithm)
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
@@ -29,9 +55,16 @@ def sha256_mapped(
                 span = min(window, size - start)
                 mm.madvise(mmap.MADV_WILLNEED, start, span)
                 with memoryview(mm)[start : start + span] as view:
-                    digest.update(view)  # releases the GIL
+                    digest.update(view)  # hashlib and xxhash both release the GIL here
                 mm.madvise(mmap.MADV_DONTNEED, start, span)
     return digest.hexdigest()
+
+
+def sha256_mapped(
+    path: str | os.PathLike, stop: threading.Event | None = None, window: int = 2 << 20
+) -> str | None:
+    """`hash_mapped` with sha256."""
+    return hash_mapped(path, "sha256", stop, window)
 
 
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, don't wait for it

@@ -12,7 +12,7 @@ import os
 import threading
 from pathlib import Path
 
-from facepipe.data.decode_hashing import sha256_mapped
+from facepipe.data.decode_hashing import DEFAULT_SOURCE_HASH, hash_mapped, new_hash
 from facepipe.fsutil import atomic_path
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
 
 DONE_DIR = ".decode"  # done-markers and cached source hashes, inside OUT
 SOURCE_HASH_CACHE = "source_hashes.json"
+_CACHE_VERSION = 2  # {"version", <algorithm>: {path: entry}}; version 1 held sha256 entries by path
 
 
 def shard_name(index: int) -> str:
@@ -84,39 +85,61 @@ def _stat_key(stat: os.stat_result) -> dict:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
 
 
+def _still_valid(entry, key: dict) -> bool:
+    """A cached digest holds while the file's size, mtime and inode are those it was taken at."""
+    return (
+        isinstance(entry, dict)
+        and bool(entry.get("digest"))
+        and all(entry.get(k) == v for k, v in key.items())
+    )
+
+
 class SourceHasher(threading.Thread):
-    """Hashes source files in the background while the ranges convert (hashlib and file reads release
+    """Hashes source files in the background while the ranges convert (file reads and the hash release
     the GIL); cached by (size, mtime, inode) in OUT/.decode so a resumed run doesn't hash twice.
 
-    `result` maps each path to {"size", "sha256"}; `cache_hits` counts the files whose hash came from
-    the cache; `stop` ends it early when the conversion failed.
+    The cache holds one section per algorithm, so a run with another `algorithm` never takes an entry
+    made by a different one. `result` maps each path to {"size", <algorithm>: hex digest};
+    `cache_hits` counts the files whose hash came from the cache; `stop` ends it early when the
+    conversion failed.
     """
 
-    def __init__(self, files: list[Path], done_dir: Path):
+    def __init__(self, files: list[Path], done_dir: Path, algorithm: str = DEFAULT_SOURCE_HASH):
         super().__init__(daemon=True)
+        new_hash(algorithm)  # an unknown algorithm fails here, in the caller, not in the thread
         self.files = files
+        self.algorithm = algorithm
         self.cache_path = done_dir / SOURCE_HASH_CACHE
         self.result: dict[str, dict] = {}
         self.cache_hits = 0
         self.error: BaseException | None = None
         self.stop = threading.Event()
 
+    def _load_cache(self) -> dict:
+        cache = read_json_or_none(self.cache_path)
+        if not isinstance(cache, dict) or cache.get("version") != _CACHE_VERSION:
+            return {"version": _CACHE_VERSION}  # none yet, or another layout: hash everything again
+        return cache
+
     def run(self) -> None:
         try:
-            cache = read_json_or_none(self.cache_path) or {}
+            cache = self._load_cache()
+            if not isinstance(cache.get(self.algorithm), dict):
+                cache[self.algorithm] = {}
+            known = cache[self.algorithm]
             for path in self.files:
                 key = _stat_key(path.stat())
-                entry = cache.get(str(path))
-                if entry and all(entry.get(k) == v for k, v in key.items()):
+                entry = known.get(str(path))
+                if _still_valid(entry, key):
                     self.cache_hits += 1
                 else:
-                    digest = sha256_mapped(path, self.stop)
+                    digest = hash_mapped(path, self.algorithm, self.stop)
                     if digest is None:
                         return
-                    entry = {**key, "sha256": digest}
-                    cache[str(path)] = entry
+                    entry = {**key, "digest": digest}
+                    known[str(path)] = entry
                     write_small_json(self.cache_path, cache)  # per file: a killed run keeps what it hashed
-                self.result[str(path)] = {"size": entry["size"], "sha256": entry["sha256"]}
+                self.result[str(path)] = {"size": entry["size"], self.algorithm: entry["digest"]}
         except BaseException as err:  # noqa: BLE001 - re-raised by the main thread
             self.error = err
 

@@ -32,6 +32,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
         for name in ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200")
     },
     "iresnet_tiny": partial(iresnet, "iresnet_tiny"),
+    "iresnet_tiny_s2": partial(iresnet, "iresnet_tiny_s2"),
     "sphereface20": partial(sfnet, "sphereface20"),
     "sphereface36": partial(sfnet, "sphereface36"),
     "sphereface64": partial(sfnet, "sphereface64"),

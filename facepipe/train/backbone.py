@@ -167,7 +167,8 @@ def backbone_worker(cfg: dict[str, Any]) -> None:
     from facepipe.models.registry import build_backbone, build_margin_head
     from facepipe.tracking import MetricLogger
     from facepipe.train.checkpoint import BundleInfo, load_training_state, save_bundle, save_training_state
-    from facepipe.train.features import verify_pairs
+    from facepipe.train.collective import gather_objects
+    from facepipe.train.features import merge_verification, verify_pairs
     from facepipe.train.nonfinite import nonfinite_flag, record_nonfinite
     from facepipe.train.ray_job import set_threads, worker_context, worker_device
 
@@ -310,9 +311,20 @@ def backbone_worker(cfg: dict[str, Any]) -> None:
             events.write(event="checkpoint", step=step)
 
     def verify(model: Any) -> dict[str, float]:
-        return verify_pairs(
-            model, data.shards_dir, input_size, data.color_order, config.eval.folds, cfg.get("raw_dir")
+        # every rank verifies its share of the pair tables (a rank idles in the next step's collective
+        # otherwise); rank 0 gathers the parts
+        part = verify_pairs(
+            model,
+            data.shards_dir,
+            input_size,
+            data.color_order,
+            config.eval.folds,
+            cfg.get("raw_dir"),
+            flip=tb.verify_flip,
+            rank=rank,
+            world=world,
         )
+        return merge_verification(gather_objects(part))
 
     # time used by earlier attempts of this run counts against the budget (restored with the schedule)
     elapsed_before = scheduler.elapsed_s
@@ -380,8 +392,9 @@ def backbone_worker(cfg: dict[str, Any]) -> None:
         if step >= total_steps:
             break
         metrics = {"train/loss": last_loss}
-        if tb.verify_every_epoch and rank == 0:
+        if tb.verify_every_epoch:
             metrics.update(verify(backbone))
+        if tb.verify_every_epoch and rank == 0:
             metrics_log.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step)
             metrics_log.flush()
         report(metrics, with_checkpoint=step % tb.checkpoint_every_steps == 0)
@@ -389,8 +402,8 @@ def backbone_worker(cfg: dict[str, Any]) -> None:
     final: dict[str, Any] = {"train/loss": last_loss, "stop_reason": stop_reason}
     if rate_start is not None and rate_samples:
         final["train/samples_s"] = rate_samples * world / (time.monotonic() - rate_start)
+    final.update(verify(backbone))
     if rank == 0:
-        final.update(verify(backbone))
         metrics_log.log({k: v for k, v in final.items() if isinstance(v, float)}, step)
         metrics_log.flush()
     report(final, with_checkpoint=True, final=True)

@@ -42,15 +42,29 @@ def decode_images_of(
         raise DataError("image does not decode", path=source, record=f"row {row}") from err
 
 
+def _input_memory_format(backbone: Any) -> Any:
+    """Channels-last when the model's convolutions are (such a model runs ~10% faster on NHWC input)."""
+    import torch
+
+    for p in backbone.parameters():
+        if p.dim() == 4:
+            nhwc = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if nhwc else torch.contiguous_format
+    return torch.contiguous_format
+
+
 def embed_images(backbone: Any, images_u8: np.ndarray, flip: bool = False, maps: bool = False) -> Any:
     """(embeddings, flipped embeddings or None, feature maps or None) for uint8 NHWC images."""
     import torch
 
     x = normalise(images_u8)
     device = next(backbone.parameters()).device
+    fmt = _input_memory_format(backbone)
     with torch.no_grad():
-        emb, fmap = backbone.forward_features(x.to(device))
-        flipped = backbone.forward_features(torch.flip(x, dims=[3]).to(device))[0] if flip else None
+        emb, fmap = backbone.forward_features(x.to(device, memory_format=fmt))
+        flipped = None
+        if flip:
+            flipped = backbone.forward_features(torch.flip(x, dims=[3]).to(device, memory_format=fmt))[0]
     return (
         emb.float().cpu().numpy(),
         None if flipped is None else flipped.float().cpu().numpy(),
@@ -127,18 +141,27 @@ def verify_pairs(
     color_order: str,
     folds: int = 10,
     raw_dir: str | os.PathLike | None = None,
+    flip: bool = True,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, float]:
     """10-fold accuracy (and std) on every pair table of the dataset, plus their mean as `accuracy`.
 
     Where the generator's per-pair sidecar `<raw_dir>/<name>.degradation.parquet` exists, also the
     10-fold accuracy over the clean pairs alone (both images' degradation < 0.3).
+
+    `rank`/`world` split the tables between training workers (table i goes to rank i mod world): each
+    returns its own tables' metrics, and `accuracy` is the mean over those (`merge_verification` joins
+    the parts). `flip=False` embeds each image once instead of also its mirror, half the cost.
     """
     from facepipe.eval.verification import evaluate_embeddings
 
     metrics: dict[str, float] = {}
     accs = []
-    for name, path in pair_tables(shards_dir).items():
-        out = embed_pair_table(backbone, path, input_size, color_order)
+    for i, (name, path) in enumerate(pair_tables(shards_dir).items()):
+        if i % world != rank:
+            continue
+        out = embed_pair_table(backbone, path, input_size, color_order, flip=flip)
         result = evaluate_embeddings(out["embedding"], out["issame"], out["flipped"], n_folds=folds)
         metrics[f"val/{name}/accuracy"] = float(result.accuracy)
         metrics[f"val/{name}/std"] = float(result.std)
@@ -156,6 +179,17 @@ def verify_pairs(
     if accs:
         metrics["accuracy"] = float(np.mean(accs))
     return metrics
+
+
+def merge_verification(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Join the per-rank results of `verify_pairs(rank=..., world=...)`: `accuracy` over all tables."""
+    merged: dict[str, float] = {}
+    for part in parts:
+        merged.update({k: v for k, v in part.items() if k != "accuracy"})
+    accs = [v for k, v in merged.items() if k.startswith("val/") and k.endswith("/accuracy")]
+    if accs:
+        merged["accuracy"] = float(np.mean(accs))
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def test_register_promote_and_load_back(config, tmp_path):
 
     mlc = tracking.client(config.tracking)
     run = mlc.get_run(run_id)
-    assert run.data.params["train_backbone.backbone.name"] == "iresnet_tiny"
+    assert run.data.params["train_backbone.backbone.name"] == config.train_backbone.backbone.name
     assert run.data.tags["stage"] == "backbone"
     assert "data.manifest_sha256" in run.data.tags
     version = mlc.get_model_version("facepipe-backbone", first["version"])

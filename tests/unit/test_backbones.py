@@ -196,6 +196,19 @@ def test_tiny_width_and_embedding_are_configurable():
     assert model.feature_size == (4, 4)
 
 
+def test_iresnet_stem_stride_2_reads_112_at_the_cost_of_56():
+    """A stride-2 stem on 112×112 input gives the same map, parameter count and FC as stride 1 at 56."""
+    plain = build_backbone("iresnet_tiny", input_size=(56, 56))
+    strided = build_backbone("iresnet_tiny", input_size=(112, 112), stem_stride=2)
+    assert strided.feature_size == plain.feature_size == (4, 4)
+    assert _count(strided) == _count(plain)
+    with torch.no_grad():
+        emb, fmap = strided.eval().forward_features(torch.randn(2, 3, 112, 112))
+    assert emb.shape == (2, 128) and fmap.shape[2:] == (4, 4)
+    with pytest.raises(ValueError, match="stem_stride"):
+        build_backbone("iresnet_tiny", stem_stride=3)
+
+
 def test_tiny_iresnet_learns_on_cpu():
     """A few SGD steps on a 4-class toy problem reduce the loss (the real CPU run is the sample dataset)."""
     from facepipe.models.registry import build_margin_head

@@ -20,8 +20,10 @@ def test_repo_params_yaml_matches_the_typed_defaults():
 def test_overrides_are_parsed_as_yaml(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(dump_config(Config()))
-    config = load_config(params, ["train_backbone.epochs=3", "eval.rejection_rates=[0, 0.5]",
-                                  "train_backbone.scaling.address=auto"])
+    config = load_config(
+        params,
+        ["train_backbone.epochs=3", "eval.rejection_rates=[0, 0.5]", "train_backbone.scaling.address=auto"],
+    )
     assert config.train_backbone.epochs == 3
     assert config.eval.rejection_rates == [0.0, 0.5]
     assert config.train_backbone.scaling.address == "auto"

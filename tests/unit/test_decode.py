@@ -15,10 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import xxhash
 
 from facepipe.cli import main
 from facepipe.data import recordio as rio
 from facepipe.data.decode import decode_dataset
+from facepipe.data.decode_hashing import hash_mapped
 from facepipe.data.insightface import write_training_set
 from facepipe.data.shards import ShardWriter, list_shards, read_manifest, read_pair_table
 from facepipe.data.verification_bin import write_bin
@@ -112,11 +114,19 @@ def test_decode_fixture(recordio_dir, fixture_source, tmp_path):
     source = manifest["sources"][0]
     assert source["label_offset"] == 0 and source["num_classes"] == 12 and source["key_range"] == [1, 60]
     assert source["layout"] == "header" and source["label_convention"] == "scalar"
+    # The default fingerprint is xxh3-128 of the file as MXNet wrote it (anchored on MXNet's sha256 of it,
+    # hashed the way decode hashes; test_face2rec2_and_two_sources records sha256 itself).
+    rec = fixture_source / "tiny_train.rec"
+    assert hash_mapped(rec, "sha256") == exp["rec_file_sha256"]
+    assert manifest["settings"]["source_hash"] == "xxh3_128"
     assert source["files"]["tiny_train.rec"] == {
         "size": exp["rec_file_size"],
-        "sha256": exp["rec_file_sha256"],
+        "xxh3_128": xxhash.xxh3_128(rec.read_bytes()).hexdigest(),
     }
     assert set(source["files"]) >= {"tiny_train.idx", "property", "tiny_val.bin"}
+    for name, entry in source["files"].items():
+        data = (fixture_source / name).read_bytes()
+        assert entry == {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}, name
     val = json.loads((recordio_dir / "tiny_val.expected.json").read_text())
     assert len(manifest["pairs"]) == 4
     for name, entry in manifest["pairs"].items():
@@ -132,9 +142,22 @@ def test_decode_fixture(recordio_dir, fixture_source, tmp_path):
 def test_face2rec2_and_two_sources(recordio_dir, fixture_source, tmp_path):
     f2r = copy_files(recordio_dir, tmp_path / "f2r", [f"f2r_train{s}" for s in (".rec", ".idx", ".property")])
     exp = json.loads((recordio_dir / "f2r_train.expected.json").read_text())
-    manifest = decode_dataset([fixture_source, f2r], tmp_path / "out", target_bytes=1 << 20, workers=1)
+    manifest = decode_dataset(
+        [fixture_source, f2r], tmp_path / "out", target_bytes=1 << 20, workers=1, source_hash="sha256"
+    )
     assert manifest["num_classes"] == 16 and manifest["num_images"] == 68
     first, second = manifest["sources"]
+    # sha256 on request: the recorded digests are MXNet's own for the files it wrote
+    tiny = json.loads((recordio_dir / "tiny_train.expected.json").read_text())
+    assert first["files"]["tiny_train.rec"] == {
+        "size": tiny["rec_file_size"],
+        "sha256": tiny["rec_file_sha256"],
+    }
+    assert first["files"]["tiny_train.idx"]["sha256"] == tiny["idx_file_sha256"]
+    assert second["files"]["f2r_train.rec"] == {
+        "size": exp["rec_file_size"],
+        "sha256": exp["rec_file_sha256"],
+    }
     assert (first["label_offset"], first["num_classes"]) == (0, 12)
     assert (second["label_offset"], second["num_classes"], second["label_convention"]) == (12, 4, "array")
     assert second["shards"][0] == first["shards"][1]  # shard numbering continues
@@ -173,6 +196,14 @@ def test_deterministic_whatever_the_workers(tmp_path):
     assert again["_run"]["skipped_shards"] == len(one["shards"])  # a rerun finds every range done
     assert again["_run"]["source_hash_cache_hits"] == len(again["sources"][0]["files"])  # rec, idx, ...
     assert again["shards"] == one["shards"]
+    # another source hash: the shards are still done, but no cached digest of the other kind is reused
+    other = decode_dataset([src], tmp_path / "one", target_bytes=12_000, workers=1, source_hash="sha256")
+    assert other["_run"]["skipped_shards"] == len(one["shards"]) and other["shards"] == one["shards"]
+    assert other["_run"]["source_hash_cache_hits"] == 0
+    assert other["sources"][0]["files"]["train.rec"] == {
+        "size": (src / "train.rec").stat().st_size,
+        "sha256": sha256_file(src / "train.rec"),
+    }
     keys = read_rows(tmp_path / "one")["key"].to_pylist()
     assert keys == list(range(1, 81))
 
@@ -413,5 +444,10 @@ def test_cli(tmp_path, capsys):
     assert manifest["pairs"]["val"]["pairs"] == 4 and manifest["settings"]["target_bytes"] == 10485
     assert main(["decode", str(src), str(tmp_path / "bgr"), "--color-order", "BGR", "--validate"]) == 0
     assert read_manifest(tmp_path / "bgr")["color_order"] == "BGR"
+    assert main(["decode", str(src), str(tmp_path / "sha"), "--source-hash", "sha256"]) == 0
+    sha_files = read_manifest(tmp_path / "sha")["sources"][0]["files"]
+    assert sha_files["train.rec"]["sha256"] == sha256_file(src / "train.rec")
+    fast = manifest["sources"][0]["files"]["train.rec"]
+    assert fast["xxh3_128"] == hash_mapped(src / "train.rec", "xxh3_128") and "sha256" not in fast
     assert main(["decode", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "source does not exist" in capsys.readouterr().err

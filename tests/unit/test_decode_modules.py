@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import numpy as np
 import pytest
+import xxhash
 
 from facepipe.data import decode_resume
-from facepipe.data.decode_hashing import AppendHasher, sha256_mapped
+from facepipe.data.decode_hashing import AppendHasher, hash_mapped, sha256_mapped
 from facepipe.data.decode_parse import check_labels, parse_chunk
 from facepipe.data.decode_plan import plan_ranges, record_ends
 from facepipe.data.recordio import MAGIC_BYTES, IRHeader, encode_frames, pack
+from facepipe.errors import DataError
 from facepipe.fsutil import sha256_file
 
 
@@ -98,33 +101,74 @@ def test_plan_is_contiguous_and_bounded():
 @pytest.mark.parametrize("size", [0, 1, 4095, 3 * 4096 + 7])
 def test_mapped_hash_equals_plain_hash(tmp_path, size):
     path = tmp_path / "f"
-    path.write_bytes(os.urandom(size))
-    assert sha256_mapped(path, window=4096) == sha256_file(path)
+    data = os.urandom(size)
+    path.write_bytes(data)
+    assert sha256_mapped(path, window=4096) == sha256_file(path) == hashlib.sha256(data).hexdigest()
+    assert hash_mapped(path, "xxh3_128", window=4096) == xxhash.xxh3_128(data).hexdigest()
+    with pytest.raises(DataError, match="unknown source hash 'md5'"):
+        hash_mapped(path, "md5")
 
 
-def test_source_hashes_are_cached_until_the_file_changes(tmp_path, monkeypatch):
+def _counting_hasher(monkeypatch) -> list:
+    calls = []
+    real = decode_resume.hash_mapped
+
+    def counting(path, algorithm, stop=None):
+        calls.append((path, algorithm))
+        return real(path, algorithm, stop)
+
+    monkeypatch.setattr(decode_resume, "hash_mapped", counting)
+    return calls
+
+
+def _hash_sources(files, done_dir, algorithm) -> tuple[dict, int]:
+    hasher = decode_resume.SourceHasher(files, done_dir, algorithm)
+    hasher.start()
+    return hasher.wait(), hasher.cache_hits
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_source_hashes_are_cached_until_the_file_changes(tmp_path, monkeypatch, algorithm):
     src = tmp_path / "train.rec"
     src.write_bytes(b"some records")
-    calls = []
-    real = decode_resume.sha256_mapped
+    calls = _counting_hasher(monkeypatch)
+    expected = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}[algorithm]
 
-    def counting(path, stop=None):
-        calls.append(path)
-        return real(path, stop)
-
-    monkeypatch.setattr(decode_resume, "sha256_mapped", counting)
-
-    def run():
-        hasher = decode_resume.SourceHasher([src], tmp_path)
-        hasher.start()
-        return hasher.wait()
-
-    first = run()
-    assert first == {str(src): {"size": 12, "sha256": sha256_file(src)}}
-    assert run() == first and len(calls) == 1  # reused from OUT/.decode
+    first, hits = _hash_sources([src], tmp_path, algorithm)
+    assert first == {str(src): {"size": 12, algorithm: expected(b"some records").hexdigest()}} and hits == 0
+    assert _hash_sources([src], tmp_path, algorithm) == (first, 1) and len(calls) == 1  # from OUT/.decode
     src.write_bytes(b"other record")  # same size, new content and mtime
     os.utime(src, ns=(1, 1))
-    assert run()[str(src)]["sha256"] == sha256_file(src) and len(calls) == 2
+    again, hits = _hash_sources([src], tmp_path, algorithm)
+    assert again[str(src)][algorithm] == expected(b"other record").hexdigest() and hits == 0
+    assert len(calls) == 2
+
+
+def test_source_hash_cache_is_kept_per_algorithm(tmp_path, monkeypatch):
+    src = tmp_path / "train.rec"
+    src.write_bytes(b"records")
+    calls = _counting_hasher(monkeypatch)
+    fast, _ = _hash_sources([src], tmp_path, "xxh3_128")
+    assert fast[str(src)] == {"size": 7, "xxh3_128": xxhash.xxh3_128(b"records").hexdigest()}
+    # a change of algorithm never takes the other one's entry
+    strong, hits = _hash_sources([src], tmp_path, "sha256")
+    assert strong[str(src)] == {"size": 7, "sha256": hashlib.sha256(b"records").hexdigest()} and hits == 0
+    assert calls == [(src, "xxh3_128"), (src, "sha256")]
+    # both stay cached side by side
+    assert _hash_sources([src], tmp_path, "xxh3_128") == (fast, 1)
+    assert _hash_sources([src], tmp_path, "sha256") == (strong, 1) and len(calls) == 2
+
+
+def test_source_hash_cache_of_the_old_format_is_not_trusted(tmp_path):
+    # version 1 kept {path: {size, mtime_ns, inode, sha256}}: never read as another algorithm's digest
+    src = tmp_path / "train.rec"
+    src.write_bytes(b"records")
+    stat = src.stat()
+    old = {str(src): {"size": 7, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "sha256": "f" * 64}}
+    (tmp_path / decode_resume.SOURCE_HASH_CACHE).write_text(json.dumps(old))
+    for algorithm, expected in (("sha256", hashlib.sha256), ("xxh3_128", xxhash.xxh3_128)):
+        result, hits = _hash_sources([src], tmp_path, algorithm)
+        assert result[str(src)][algorithm] == expected(b"records").hexdigest() and hits == 0
 
 
 def test_append_hasher_follows_a_growing_file(tmp_path):

@@ -5,7 +5,9 @@ each stage halving the resolution, then the output block BN2d → Dropout → FC
 as in the reference). At 112×112 the final conv map is 512×7×7 and the embedding 512-d.
 
 ``width`` scales every stage's channel count (1.0 = the original 64/128/256/512), which with short
-``layers`` gives the small CPU variants.
+``layers`` gives the small CPU variants. ``stem_stride=2`` makes the stem convolution halve the input:
+a CPU model then reads full 112×112 crops for about the cost of 56×56 ones (the stem learns its own
+down-sampling, so fine detail such as eyes and brows survives that a plain resize blurs away).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
     "iresnet100": (3, 13, 30, 3),
     "iresnet200": (6, 26, 60, 6),
     "iresnet_tiny": (1, 1, 1, 1),
+    "iresnet_tiny_s2": (1, 1, 1, 1),  # iresnet_tiny reading 112×112 through a stride-2 stem
 }
 
 
@@ -64,17 +67,24 @@ class IResNet(nn.Module):
         dropout: float = 0.0,
         width: float = 1.0,
         input_size: tuple[int, int] = (112, 112),
+        stem_stride: int = 1,
     ):
         super().__init__()
         if len(layers) != 4 or min(layers) < 1:
             raise ValueError(f"IResNet needs four stage depths >= 1, got {layers}")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"IResNet stem_stride must be 1 or 2, got {stem_stride}")
         channels = [max(1, round(c * width)) for c in (64, 64, 128, 256, 512)]
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.embedding_size = int(embedding_size)
         self.feature_channels = channels[-1]
-        self.feature_size = (_out_size(self.input_size[0]), _out_size(self.input_size[1]))
+        stages_total = 4 if stem_stride == 1 else 5
+        self.feature_size = (
+            _out_size(self.input_size[0], stages_total),
+            _out_size(self.input_size[1], stages_total),
+        )
 
-        self.conv1 = _conv3x3(3, channels[0])
+        self.conv1 = _conv3x3(3, channels[0], stem_stride)
         self.bn1 = nn.BatchNorm2d(channels[0], eps=1e-5)
         self.prelu = nn.PReLU(channels[0])
         stages = []
@@ -122,7 +132,9 @@ class IResNet(nn.Module):
 def iresnet(name: str, **kw) -> IResNet:
     if name not in IRESNET_LAYERS:
         raise ValueError(f"unknown IResNet {name!r}; known: {sorted(IRESNET_LAYERS)}")
-    if name == "iresnet_tiny":
+    if name.startswith("iresnet_tiny"):
         kw.setdefault("width", 0.25)
         kw.setdefault("embedding_size", 128)
+    if name == "iresnet_tiny_s2":
+        kw.setdefault("stem_stride", 2)
     return IResNet(IRESNET_LAYERS[name], **kw)

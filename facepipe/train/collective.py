@@ -1,0 +1,16 @@
+"""Small collectives for training workers that also work outside a process group (one worker)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order; just `[obj]` outside a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
