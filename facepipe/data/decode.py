@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from facepipe.data.decode_hashing import DEFAULT_SOURCE_HASH, SOURCE_HASHES
+from facepipe.data.decode_hashing import DEFAULT_SOURCE_HASH, check_source_hash
 from facepipe.data.decode_manifest import build_manifest, source_files, write_rejects
 from facepipe.data.decode_pairs import write_pairs
 from facepipe.data.decode_plan import build_plan, dataset_ids, plan_ranges
@@ -57,8 +57,7 @@ def decode_dataset(
     """
     from facepipe.data.shards import DEFAULT_ROW_GROUP_BYTES, write_manifest
 
-    if source_hash not in SOURCE_HASHES:
-        raise DataError(f"source hash must be one of {', '.join(SOURCE_HASHES)}, not {source_hash!r}")
+    check_source_hash(source_hash)  # before any work, not in the hashing thread
     if color_order not in ("RGB", "BGR"):
         raise DataError(f"colour order must be RGB or BGR, not {color_order!r}")
     if not sources:

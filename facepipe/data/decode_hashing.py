@@ -18,21 +18,34 @@ import threading
 
 from facepipe.errors import DataError
 
-__all__ = ["DEFAULT_SOURCE_HASH", "SOURCE_HASHES", "AppendHasher", "hash_mapped", "new_hash", "sha256_mapped"]
+__all__ = [
+    "DEFAULT_SOURCE_HASH",
+    "SOURCE_HASHES",
+    "AppendHasher",
+    "check_source_hash",
+    "hash_mapped",
+    "new_hash",
+    "sha256_mapped",
+]
 
 SOURCE_HASHES = ("xxh3_128", "sha256")
 DEFAULT_SOURCE_HASH = "xxh3_128"
 
 
+def check_source_hash(algorithm: str) -> str:
+    """`algorithm` if it is one of SOURCE_HASHES, else a DataError naming the choices."""
+    if algorithm not in SOURCE_HASHES:
+        raise DataError(f"unknown source hash {algorithm!r}: choose one of {', '.join(SOURCE_HASHES)}")
+    return algorithm
+
+
 def new_hash(algorithm: str):
     """A fresh hash object (`update`, `hexdigest`) for one of SOURCE_HASHES."""
-    if algorithm == "sha256":
+    if check_source_hash(algorithm) == "sha256":
         return hashlib.sha256()
-    if algorithm == "xxh3_128":
-        import xxhash
+    import xxhash
 
-        return xxhash.xxh3_128()
-    raise DataError(f"unknown source hash {algorithm!r}: choose one of {', '.join(SOURCE_HASHES)}")
+    return xxhash.xxh3_128()
 
 
 def hash_mapped(

@@ -12,7 +12,7 @@ import os
 import threading
 from pathlib import Path
 
-from facepipe.data.decode_hashing import DEFAULT_SOURCE_HASH, hash_mapped, new_hash
+from facepipe.data.decode_hashing import DEFAULT_SOURCE_HASH, check_source_hash, hash_mapped
 from facepipe.fsutil import atomic_path
 
 __all__ = [
@@ -106,9 +106,8 @@ class SourceHasher(threading.Thread):
 
     def __init__(self, files: list[Path], done_dir: Path, algorithm: str = DEFAULT_SOURCE_HASH):
         super().__init__(daemon=True)
-        new_hash(algorithm)  # an unknown algorithm fails here, in the caller, not in the thread
         self.files = files
-        self.algorithm = algorithm
+        self.algorithm = check_source_hash(algorithm)  # fails here, in the caller, not in the thread
         self.cache_path = done_dir / SOURCE_HASH_CACHE
         self.result: dict[str, dict] = {}
         self.cache_hits = 0

@@ -29,7 +29,7 @@ from typing import Any
 from facepipe.config import Config, OptimConfig
 from facepipe.errors import FacepipeError
 from facepipe.progress import summary
-from facepipe.train.nonfinite import all_agree
+from facepipe.train.collective import all_agree
 from facepipe.train.schedule import BudgetSchedule, lr_factor
 
 log = logging.getLogger(__name__)
@@ -393,10 +393,10 @@ def backbone_worker(cfg: dict[str, Any]) -> None:
             break
         metrics = {"train/loss": last_loss}
         if tb.verify_every_epoch:
-            metrics.update(verify(backbone))
-        if tb.verify_every_epoch and rank == 0:
-            metrics_log.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step)
-            metrics_log.flush()
+            metrics.update(verify(backbone))  # a collective: every rank takes part
+            if rank == 0:
+                metrics_log.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step)
+                metrics_log.flush()
         report(metrics, with_checkpoint=step % tb.checkpoint_every_steps == 0)
     # the final verification travels with the final checkpoint (rank 0's metrics reach the driver)
     final: dict[str, Any] = {"train/loss": last_loss, "stop_reason": stop_reason}

@@ -18,19 +18,9 @@ from typing import Any
 
 from facepipe.errors import NonFiniteLossError
 from facepipe.fsutil import write_json_atomic
+from facepipe.train.collective import all_agree
 
 RECORD_GLOB = "nonfinite-rank*.json"
-
-
-def all_agree(flags: list[float]) -> list[float]:
-    """Sum small per-rank flags over the process group (so every rank takes the same decision)."""
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor(flags, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
 
 
 def nonfinite_flag(loss: Any) -> float:
