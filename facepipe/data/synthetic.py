@@ -35,7 +35,7 @@ from facepipe.data import synth_render as sr
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 
 # Random streams: the first element after the seed in every default_rng([...]) key.
 _S_TRAIN_ID, _S_TRAIN_IMG, _S_VAL_ID, _S_RELATIVE, _S_PAIR, _S_SAMPLES = range(6)

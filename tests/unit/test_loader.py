@@ -147,3 +147,13 @@ def test_stopping_early_leaves_no_thread_behind(shards):
             assert batch.index == 0
             break
     assert not any(t.name == "facepipe-feeder" for t in threading.enumerate())
+
+
+def test_binary_column_views_match_arrow_values():
+    from facepipe.data.loader import _BinaryColumn
+
+    for kind in (pa.binary(), pa.large_binary()):
+        array = pa.array([b"ab", None, b"cde", b"", b"f"], kind).slice(1)  # a slice keeps absolute offsets
+        column = _BinaryColumn(array)
+        got = [None if column[i] is None else bytes(column[i]) for i in range(len(array))]
+        assert got == array.to_pylist()

@@ -150,6 +150,14 @@ def test_degradation_drives_damage() -> None:
     worst = [sr.sample_nuisance(rng, 1.0) for _ in range(20)]
     assert all(n.blur_sigma > 2 and n.jpeg_quality < 40 and n.downscale < 0.35 for n in worst)
     assert np.mean([n.occlusions for n in worst]) > 1
+    # capture quality: pose and lighting stray further from a frontal, evenly lit shot as the level rises
+    calm = [sr.sample_nuisance(rng, 0.0) for _ in range(200)]
+    wild = [sr.sample_nuisance(rng, 1.0) for _ in range(200)]
+    for name in ("yaw", "pitch", "roll", "brightness"):
+        spread_calm = np.abs([getattr(n, name) for n in calm]).mean()
+        spread_wild = np.abs([getattr(n, name) for n in wild]).mean()
+        assert spread_wild > 2.5 * spread_calm, name
+    assert np.mean([n.light_strength for n in wild]) > 2.5 * np.mean([n.light_strength for n in calm])
     with pytest.raises(ValueError):
         sr.make_relative(sr.sample_identity(rng), rng, 0)
 
