@@ -41,7 +41,7 @@ import numpy as np
 
 from facepipe.errors import DataError, FacepipeError
 
-__all__ = ["Unit", "Batch", "ShardLoader", "shard_units", "decode_rows", "normalise"]
+__all__ = ["Unit", "Batch", "ShardLoader", "shard_units", "decode_rows", "normalise", "normalise_array"]
 
 # InsightFace normalisation: (x - 127.5) / 128 maps bytes to about [-1, 1].
 MEAN = 127.5
@@ -61,7 +61,7 @@ class Unit:
 class Batch:
     """One decoded batch: images (uint8 NHWC, or a float NCHW tensor after normalisation) and labels.
 
-    Thread-mode float batches are channels-last in memory (NHWC strides); process mode's are contiguous.
+    Float batches are channels-last in memory (NHWC strides), as `normalise_array` makes them.
     """
 
     images: Any
@@ -154,11 +154,9 @@ def decode_rows(
     """Decode the rows named by `pieces` ((shard, row group, row indices) in batch order).
 
     Returns images resized to `size` (height, width) in `color_order`, horizontally flipped where
-    `flips` is true, and int64 labels. Images are uint8 NHWC, or with `as_float` normalised float32
-    ((x - 127.5) / 128) of shape NCHW laid out channels-last in memory: the normalising then runs over
-    contiguous memory in one pass per batch (a channels-first copy costs as much as the JPEG decode),
-    and a channels-last model takes the batch without another copy. A row that does not decode raises
-    `DataError` naming the shard and the row.
+    `flips` is true, and int64 labels. Images are uint8 NHWC, or with `as_float` what `normalise_array`
+    makes of them (in the decoding thread, GIL released). A row that does not decode raises `DataError`
+    naming the shard and the row.
     """
     import cv2
 
@@ -190,23 +188,29 @@ def decode_rows(
             else:
                 dst[...] = img
             out += 1
-    if not as_float:
-        return images, labels
+    return (normalise_array(images) if as_float else images), labels
+
+
+def normalise_array(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> float32 (x - 127.5) / 128 of shape NCHW, laid out channels-last in memory.
+
+    One pass over contiguous memory (a channels-first copy costs as much as the JPEG decode), and a
+    channels-last model takes the result without another copy.
+    """
     # cast first, then float32 arithmetic: a ufunc fed uint8 with a float64 scalar takes numpy's slow
     # buffered casting loop (about 3x the time); both ways give the same bits, as 1/128 is exact
-    normalised = np.empty(images.shape, dtype=np.float32)
-    normalised[...] = images
-    np.subtract(normalised, np.float32(MEAN), out=normalised)
-    np.multiply(normalised, np.float32(SCALE), out=normalised)
-    return normalised.transpose(0, 3, 1, 2), labels
+    out = np.empty(images.shape, dtype=np.float32)
+    out[...] = images
+    np.subtract(out, np.float32(MEAN), out=out)
+    np.multiply(out, np.float32(SCALE), out=out)
+    return out.transpose(0, 3, 1, 2)
 
 
 def normalise(images: np.ndarray) -> Any:
-    """uint8 NHWC -> float32 NCHW (contiguous) torch tensor, (x - 127.5) / 128."""
+    """uint8 NHWC -> the torch tensor of `normalise_array` (NCHW shape, channels-last memory)."""
     import torch
 
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    return tensor.sub_(MEAN).mul_(SCALE).contiguous()
+    return torch.from_numpy(normalise_array(images))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,13 +59,6 @@ HAIR_STYLES = ("bald", "short", "long", "fringe", "curly", "side_part")
 # --------------------------------------------------------------------------------------- identity
 
 
-# How far pose and lighting may stray, as a multiple of the ranges in `sample_nuisance`, at degradation
-# 0 and 1 (linear between): a clean capture is near-frontal and evenly lit, the worst one uses the whole
-# range. (A worst spread of 1.25 cost the backbone its 90% on all pairs of synth_val: 0.894 on seed 0.)
-_POSE_SPREAD_CLEAN = 0.35
-_POSE_SPREAD_WORST = 1.0
-
-
 def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(rng.uniform(lo, hi))
 
@@ -257,6 +250,13 @@ class Nuisance:
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# How far pose and lighting may stray, as a multiple of the ranges in `sample_nuisance`, at degradation
+# 0 and 1 (linear between): a clean capture is near-frontal and evenly lit, the worst one uses the whole
+# range. (A worst spread of 1.25 cost the backbone its 90% on all pairs of synth_val: 0.894 on seed 0.)
+_POSE_SPREAD_CLEAN = 0.35
+_POSE_SPREAD_WORST = 1.0
 
 
 def sample_nuisance(rng: np.random.Generator, degradation: float) -> Nuisance:
