@@ -65,6 +65,8 @@ def decode_dataset(
     if target_bytes <= 0:
         raise DataError("target shard size must be positive")
     row_group_bytes = int(row_group_bytes or min(DEFAULT_ROW_GROUP_BYTES, target_bytes))
+    if not 0 < row_group_bytes < 1 << 31:  # a row group's payloads are addressed with int32 offsets
+        raise DataError(f"row-group size must be between 1 byte and 2 GiB, not {row_group_bytes}")
     out = Path(out_dir)
     srcs = [Path(s) for s in sources]
     ids = dataset_ids(srcs)
@@ -77,15 +79,24 @@ def decode_dataset(
     remove_outside_plan(out, len(plan.tasks))
     pairs, pair_rejects, pair_inputs = write_pairs(plan.sets, ids, out, validate, skip_bad)
 
-    # The source hashes overlap the conversion: a thread reading and hashing releases the GIL.
-    hasher = SourceHasher(source_files(plan.sets, plan.sources) + pair_inputs, out / DONE_DIR, source_hash)
+    # The source hashes overlap the conversion: a thread reading and hashing releases the GIL. A source
+    # converted as one range is hashed by that range instead, as it reads the file.
+    handed_over = _hash_whole_sources_in_their_range(plan.tasks, plan.sources, source_hash)
+    hasher = SourceHasher(
+        source_files(plan.sets, plan.sources) + pair_inputs, out / DONE_DIR, source_hash, handed_over
+    )
     hasher.start()
     try:
         results = run_tasks(plan.tasks, workers, runner)
     except BaseException:
         hasher.stop.set()
         raise
-    hashes = hasher.wait()
+    delivered = {
+        task["rec_path"]: result.get("source_digest")
+        for task, result in zip(plan.tasks, results, strict=True)
+        if "source_hash" in task
+    }
+    hashes = hasher.wait(delivered)
 
     rejects = [r for result in results for r in result["rejects"]] + pair_rejects
     rejects_written = write_rejects(out, rejects, keep_file=skip_bad)
@@ -113,6 +124,17 @@ def decode_dataset(
         "source_hash_cache_hits": hasher.cache_hits,
     }
     return manifest
+
+
+def _hash_whole_sources_in_their_range(tasks: list[dict], sources: list[dict], algorithm: str) -> set[str]:
+    """Ask each source's range to hash its `.rec` when that range is the whole source; their paths."""
+    handed_over = set()
+    for entry in sources:
+        first, stop = entry["shards"]
+        if stop - first == 1:
+            tasks[first]["source_hash"] = algorithm  # not fingerprinted: the shard does not depend on it
+            handed_over.add(tasks[first]["rec_path"])
+    return handed_over
 
 
 def _common_image_size(sets: list[TrainingSet]) -> tuple[int, int] | None:

@@ -19,13 +19,14 @@ import numpy as np
 from facepipe.data.decode_resume import DONE_DIR
 from facepipe.data.decode_sidecars import load_key_degradation, lookup_degradation
 from facepipe.data.insightface import TrainingSet, open_training_set
-from facepipe.data.recordio import sorted_unique
+from facepipe.data.recordio import is_increasing, sorted_unique
 from facepipe.errors import DataError
 
 __all__ = ["PLAN_VERSION", "Plan", "build_plan", "dataset_ids", "plan_ranges", "record_ends"]
 
 PLAN_VERSION = 1
-_NOT_FINGERPRINTED = ("fingerprint", "out_dir", "done_dir")  # where the output goes is not what it is
+# where the output goes, and how the source is hashed, are not what the shard is
+_NOT_FINGERPRINTED = ("fingerprint", "out_dir", "done_dir", "source_hash")
 
 
 class Plan:
@@ -88,11 +89,13 @@ def _images_in_physical_order(ts: TrainingSet) -> tuple[np.ndarray, np.ndarray]:
     """Image keys and their `.rec` offsets, sorted by offset."""
     idx_keys, idx_offsets = ts.idx_keys, ts.idx_offsets
     if ts.layout == "header":
-        by_key = np.argsort(idx_keys, kind="stable")
+        by_key = slice(None) if is_increasing(idx_keys) else np.argsort(idx_keys, kind="stable")
         offsets = idx_offsets[by_key][np.searchsorted(idx_keys[by_key], ts.image_keys)]
         keys = ts.image_keys
     else:
         keys, offsets = idx_keys, idx_offsets
+    if is_increasing(offsets):  # written in key order, as InsightFace's tools do
+        return keys, offsets
     order = np.argsort(offsets, kind="stable")
     return keys[order], offsets[order]
 

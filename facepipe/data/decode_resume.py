@@ -102,17 +102,31 @@ class SourceHasher(threading.Thread):
     made by a different one. `result` maps each path to {"size", <algorithm>: hex digest};
     `cache_hits` counts the files whose hash came from the cache; `stop` ends it early when the
     conversion failed.
+
+    Files in `handed_over` are read whole by the conversion anyway (a source converted as one range),
+    which hashes them on the way; this thread only looks them up in the cache, and `wait` takes the
+    conversion's digests for the rest (hashing here any it did not deliver, e.g. a range skipped on
+    resume).
     """
 
-    def __init__(self, files: list[Path], done_dir: Path, algorithm: str = DEFAULT_SOURCE_HASH):
+    def __init__(
+        self,
+        files: list[Path],
+        done_dir: Path,
+        algorithm: str = DEFAULT_SOURCE_HASH,
+        handed_over: set[str] | frozenset[str] = frozenset(),
+    ):
         super().__init__(daemon=True)
         self.files = files
         self.algorithm = check_source_hash(algorithm)  # fails here, in the caller, not in the thread
         self.cache_path = done_dir / SOURCE_HASH_CACHE
+        self.handed_over = set(handed_over)
         self.result: dict[str, dict] = {}
         self.cache_hits = 0
         self.error: BaseException | None = None
         self.stop = threading.Event()
+        self._cache: dict = {}
+        self._stats: dict[str, dict] = {}  # taken before hashing: a file changed meanwhile is hashed again
 
     def _load_cache(self) -> dict:
         cache = read_json_or_none(self.cache_path)
@@ -120,31 +134,43 @@ class SourceHasher(threading.Thread):
             return {"version": _CACHE_VERSION}  # none yet, or another layout: hash everything again
         return cache
 
+    def _remember(self, path: Path, digest: str) -> None:
+        """Cache `digest` under the file's stat from before it was hashed, and write the cache out (per
+        file: a killed run keeps what it hashed)."""
+        entry = {**self._stats[str(path)], "digest": digest}
+        self._cache[self.algorithm][str(path)] = entry
+        write_small_json(self.cache_path, self._cache)
+        self.result[str(path)] = {"size": entry["size"], self.algorithm: digest}
+
     def run(self) -> None:
         try:
-            cache = self._load_cache()
-            if not isinstance(cache.get(self.algorithm), dict):
-                cache[self.algorithm] = {}
-            known = cache[self.algorithm]
+            self._cache = self._load_cache()
+            if not isinstance(self._cache.get(self.algorithm), dict):
+                self._cache[self.algorithm] = {}
+            known = self._cache[self.algorithm]
+            self._stats = {str(path): _stat_key(path.stat()) for path in self.files}
             for path in self.files:
-                key = _stat_key(path.stat())
                 entry = known.get(str(path))
-                if _still_valid(entry, key):
+                if _still_valid(entry, self._stats[str(path)]):
                     self.cache_hits += 1
-                else:
+                    self.result[str(path)] = {"size": entry["size"], self.algorithm: entry["digest"]}
+                elif str(path) not in self.handed_over:
                     digest = hash_mapped(path, self.algorithm, self.stop)
                     if digest is None:
                         return
-                    entry = {**key, "digest": digest}
-                    known[str(path)] = entry
-                    write_small_json(self.cache_path, cache)  # per file: a killed run keeps what it hashed
-                self.result[str(path)] = {"size": entry["size"], self.algorithm: entry["digest"]}
+                    self._remember(path, digest)
         except BaseException as err:  # noqa: BLE001 - re-raised by the main thread
             self.error = err
 
-    def wait(self) -> dict[str, dict]:
-        """Join and return the hashes (re-raising the thread's error)."""
+    def wait(self, delivered: dict[str, str | None] | None = None) -> dict[str, dict]:
+        """Join and return the hashes in file order (re-raising the thread's error). `delivered` holds
+        the conversion's digests of handed-over files (None where it could not take one)."""
         self.join()
         if self.error is not None:
             raise self.error
-        return self.result
+        delivered = delivered or {}
+        for path in self.files:
+            if str(path) not in self.result:
+                digest = delivered.get(str(path)) or hash_mapped(path, self.algorithm)
+                self._remember(path, digest)
+        return {str(path): self.result[str(path)] for path in self.files}

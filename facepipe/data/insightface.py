@@ -111,7 +111,7 @@ def open_training_set(src: str | os.PathLike) -> TrainingSet:
             )  # fmt: skip
         a, b = header
         image_keys = np.arange(1, a, dtype=np.int64)
-        missing = np.setdiff1d(image_keys, rec.key_array, assume_unique=True)
+        missing = rec.missing(image_keys)
         if len(missing):
             raise DataError(
                 f"header record says image keys are 1..{a - 1} but {len(missing)} of them are not "

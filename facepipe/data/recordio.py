@@ -40,6 +40,7 @@ __all__ = [
     "IndexedRecordFile",
     "RecordWriter",
     "IndexedRecordWriter",
+    "is_increasing",
     "sorted_unique",
 ]
 
@@ -196,7 +197,8 @@ def read_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"cannot read index: {err.strerror}", str(path)) from err
     except (ValueError, OverflowError) as err:
         raise DataError(f"index holds a non-integer field: {err}", str(path)) from err
-    ordered = np.sort(keys)  # (np.unique hashes: several times slower than a sort on int64 keys)
+    # (np.unique hashes: several times slower than a sort on int64 keys; writers list keys in order)
+    ordered = keys if is_increasing(keys) else np.sort(keys)
     if np.any(ordered[1:] == ordered[:-1]):
         raise DataError("index lists a key more than once", str(path))
     if len(offsets) and (offsets.min() < 0 or np.any(offsets % 4)):
@@ -234,8 +236,16 @@ def _parse_index_text(data: bytes) -> np.ndarray:
     return np.array(fields, dtype=np.int64) if fields else np.zeros(0, np.int64)
 
 
+def is_increasing(values: np.ndarray) -> bool:
+    """Whether `values` is strictly increasing (as index files usually are: a sort can be skipped)."""
+    return len(values) < 2 or bool(np.all(values[1:] > values[:-1]))
+
+
 def sorted_unique(values: np.ndarray) -> np.ndarray:
-    """np.unique for int arrays, by sorting (faster here than numpy's hash-based unique)."""
+    """np.unique for int arrays, by sorting (faster here than numpy's hash-based unique); `values`
+    itself when it is already strictly increasing."""
+    if is_increasing(values):
+        return values
     ordered = np.sort(values)
     if len(ordered) == 0:
         return ordered
@@ -272,9 +282,12 @@ class IndexedRecordFile:
         self.rec_path = str(rec)
         self.idx_path = str(idx)
         self.key_array, self.offset_array = read_index(idx)
-        order = np.argsort(self.key_array, kind="stable")
-        self._sorted_keys = self.key_array[order]
-        self._sorted_offsets = self.offset_array[order]
+        if is_increasing(self.key_array):
+            self._sorted_keys, self._sorted_offsets = self.key_array, self.offset_array
+        else:
+            order = np.argsort(self.key_array, kind="stable")
+            self._sorted_keys = self.key_array[order]
+            self._sorted_offsets = self.offset_array[order]
         try:
             self._mm, self.size = _open_mmap(rec)
         except OSError as err:
@@ -306,12 +319,22 @@ class IndexedRecordFile:
             raise DataError(f"key {key} is not in the index", self.idx_path, key)
         return i
 
-    def offsets_of(self, keys: np.ndarray) -> np.ndarray:
-        """Offsets of many keys at once; a key missing from the index raises DataError naming it."""
+    def missing(self, keys: np.ndarray) -> np.ndarray:
+        """Those of `keys` the index does not list."""
         keys = np.asarray(keys, dtype=np.int64)
+        return keys[~self._look_up(keys)[1]]
+
+    def _look_up(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each key's position in the sorted keys, and whether it is there."""
         pos = np.searchsorted(self._sorted_keys, keys)
         found = pos < len(self._sorted_keys)
         found[found] = self._sorted_keys[pos[found]] == keys[found]
+        return pos, found
+
+    def offsets_of(self, keys: np.ndarray) -> np.ndarray:
+        """Offsets of many keys at once; a key missing from the index raises DataError naming it."""
+        keys = np.asarray(keys, dtype=np.int64)
+        pos, found = self._look_up(keys)
         if not found.all():
             key = int(keys[np.flatnonzero(~found)[0]])
             raise DataError(f"key {key} is not in the index", self.idx_path, key)

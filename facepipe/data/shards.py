@@ -8,6 +8,7 @@ complete, so nothing half-written looks like a shard.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -93,28 +94,46 @@ def _writer_options(schema: pa.Schema) -> dict:
 def conform(data: pa.Table | pa.RecordBatch, schema: pa.Schema = TRAIN_SCHEMA) -> pa.Table:
     """Reorder/cast columns to `schema`, adding absent nullable columns as nulls."""
     table = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
+    present = set(table.column_names)
     columns = []
     for field in schema:
-        if field.name in table.column_names:
+        if field.name in present:
             column = table[field.name]
             if column.type != field.type:
                 column = column.cast(field.type)
             columns.append(column)
         elif field.nullable:
-            columns.append(pa.nulls(table.num_rows, field.type))
+            columns.append(_nulls(table.num_rows, field.type))
         else:
             raise ValueError(f"shard data lacks the required column {field.name!r}")
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+_NULLS: dict[pa.DataType, pa.Array] = {}
+
+
+def _nulls(n: int, type_: pa.DataType) -> pa.Array:
+    """`n` nulls of `type_`: a slice of one cached array per type (every chunk of a conversion needs
+    them; building them afresh each time was a tenth of the writer thread's own work)."""
+    cached = _NULLS.get(type_)
+    if cached is None or len(cached) < n:
+        cached = _NULLS[type_] = pa.nulls(max(n, 4096), type_)
+    return cached.slice(0, n)
+
+
 def binary_lengths(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Byte length of each value of a (large_)binary/string column, read from its offsets buffer.
+    """Byte length of each value of a (large_)binary/string(_view) column, read from its offsets (or
+    views) buffer.
 
     (ChunkedArray.to_numpy would import pandas, a second of start-up in every worker.)
     """
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = [np.zeros(0, np.int64)]
     for chunk in chunks:
+        if pa.types.is_binary_view(chunk.type) or pa.types.is_string_view(chunk.type):
+            views = np.frombuffer(chunk.buffers()[1], dtype="<i4", count=4 * (chunk.offset + len(chunk)))
+            parts.append(views[4 * chunk.offset :: 4].astype(np.int64))  # a view starts with its length
+            continue
         wide = pa.types.is_large_binary(chunk.type) or pa.types.is_large_string(chunk.type)
         dtype = np.int64 if wide else np.int32
         itemsize = np.dtype(dtype).itemsize
@@ -140,11 +159,30 @@ def column_to_numpy(column: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
     return data[column.offset :].copy()
 
 
+def _as_views(schema: pa.Schema) -> pa.Schema:
+    """`schema` with its binary fields as binary views, and without metadata (see `ShardWriter`)."""
+    fields = [f.with_type(pa.binary_view()) if f.type == pa.binary() else f for f in schema]
+    return pa.schema(fields)
+
+
+def _arrow_schema_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
+    """The footer metadata Arrow writes for `schema` (its own metadata, then `ARROW:schema`: the
+    base64 IPC serialisation that readers take column types from)."""
+    metadata = dict(schema.metadata or {})
+    metadata[b"ARROW:schema"] = base64.b64encode(schema.serialize().to_pybytes())
+    return metadata
+
+
 class ShardWriter:
     """Write rows into `OUT/<prefix>-NNNNN.parquet` files of about `target_bytes` image bytes each.
 
     Every file is written under a temporary name and renamed into place by `close()` (or when it rolls
     over to the next file). `close()` returns one dict per file: path, rows, bytes, sha256.
+
+    Binary columns go to the Parquet writer as binary views (a binary column is viewed, not copied), so
+    a caller can hand over payloads where they lie, e.g. in a memory-mapped `.rec`, and the writer
+    copies each once into its page. Parquet stores both types alike; the schema in the footer is
+    `schema`'s, written as Arrow would, so the file is byte for byte what writing `schema` gives.
     """
 
     def __init__(
@@ -162,6 +200,7 @@ class ShardWriter:
         self.target_bytes = int(target_bytes)
         self.row_group_bytes = max(1, int(row_group_bytes))
         self.schema = schema
+        self._file_schema = _as_views(schema)
         self.size_column = size_column
         self._index = start_index
         self._stack: contextlib.ExitStack | None = None
@@ -173,6 +212,12 @@ class ShardWriter:
         self._final: Path | None = None
         self.written: list[dict] = []
 
+    def begin(self) -> None:
+        """Open the next file now instead of at the first write (a writer thread can do it while the
+        first rows are still being prepared)."""
+        if self._writer is None:
+            self._open()
+
     def _open(self) -> None:
         self._final = self.out_dir / f"{self.prefix}-{self._index:05d}.parquet"
         self._index += 1
@@ -182,7 +227,9 @@ class ShardWriter:
         try:
             # Arrow writes the file itself (no Python in the write path, no copies into Python bytes);
             # a thread hashes what is already written from the page cache, one row group behind.
-            self._writer = pq.ParquetWriter(str(self._tmp), self.schema, **_writer_options(self.schema))
+            self._writer = pq.ParquetWriter(
+                str(self._tmp), self._file_schema, store_schema=False, **_writer_options(self.schema)
+            )
             self._hasher = AppendHasher(self._tmp)
         except BaseException as err:  # e.g. a full disk on the first bytes: remove the temp file
             if self._writer is not None:
@@ -197,6 +244,7 @@ class ShardWriter:
         if self._writer is None:
             return
         try:
+            self._writer.add_key_value_metadata(_arrow_schema_metadata(self.schema))
             self._writer.close()
             size = self._tmp.stat().st_size
             digest = self._hasher.finish(size)
@@ -209,7 +257,7 @@ class ShardWriter:
         self._writer = self._stack = None
 
     def write(self, data: pa.Table | pa.RecordBatch) -> None:
-        table = conform(data, self.schema)
+        table = conform(data, self._file_schema)
         if table.num_rows == 0:
             return
         cum = np.cumsum(binary_lengths(table[self.size_column]))

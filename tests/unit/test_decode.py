@@ -451,3 +451,25 @@ def test_cli(tmp_path, capsys):
     assert fast["xxh3_128"] == hash_mapped(src / "train.rec", "xxh3_128") and "sha256" not in fast
     assert main(["decode", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "source does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_a_source_converted_as_one_range_is_hashed_by_it(tmp_path, monkeypatch, algorithm):
+    """One range reads its whole `.rec` anyway: it hashes it on the way (header and identity records
+    included), so no thread reads the file a second time, and the digest is the file's."""
+    from facepipe.data import decode_resume
+
+    src = make_source(tmp_path / "src", n_classes=10, per_class=8)
+    hashed = []
+    real = decode_resume.hash_mapped
+
+    def counting(path, *args, **kwargs):
+        hashed.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(decode_resume, "hash_mapped", counting)
+    manifest = decode_dataset([src], tmp_path / "out", source_hash=algorithm)
+    assert len(manifest["shards"]) == 1 and "train.rec" not in hashed and "train.idx" in hashed
+    data = (src / "train.rec").read_bytes()
+    expected = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}[algorithm](data).hexdigest()
+    assert manifest["sources"][0]["files"]["train.rec"] == {"size": len(data), algorithm: expected}

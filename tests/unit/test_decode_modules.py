@@ -183,3 +183,73 @@ def test_append_hasher_follows_a_growing_file(tmp_path):
             data += chunk
             hasher.advance(len(data))
     assert hasher.finish(len(data)) == hashlib.sha256(data).hexdigest()
+
+
+def test_binary_views_point_at_values_in_several_buffers():
+    import pyarrow as pa
+
+    from facepipe.data.decode_worker import binary_views
+
+    rng = np.random.default_rng(0)
+    buffers = [rng.integers(0, 256, 300, dtype=np.uint8), rng.integers(0, 256, 50, dtype=np.uint8)]
+    # short values sit inline (<= 12 bytes, one at the very end of a buffer), long ones are referenced
+    spans = [(0, 5, 40), (0, 0, 0), (1, 3, 12), (0, 100, 13), (1, 38, 12), (0, 299, 1), (1, 0, 50)]
+    index, starts, lengths = (np.array(column) for column in zip(*spans, strict=True))
+    views = binary_views(buffers, index.astype(np.int32), starts, lengths)
+    array = pa.Array.from_buffers(
+        pa.binary_view(), len(spans), [None, pa.py_buffer(views), *map(pa.py_buffer, buffers)]
+    )
+    array.validate(full=True)  # lengths, prefixes, buffer indices and offsets all consistent
+    expected = [buffers[b][s : s + n].tobytes() for b, s, n in spans]
+    assert array.to_pylist() == expected
+    assert array.cast(pa.binary()).to_pylist() == expected
+
+
+def test_mapped_source_hashes_the_whole_file_through_its_chunks(tmp_path):
+    from facepipe.data.decode_worker import _MappedSource
+
+    data = np.random.default_rng(1).integers(0, 256, 3 * 4096 + 123, dtype=np.uint8).tobytes()
+    path = tmp_path / "x.rec"
+    path.write_bytes(data)
+    # chunks in file order with gaps (records of other kinds) before, between and after them
+    with _MappedSource(str(path), "xxh3_128") as source:
+        for offset, span in ((100, 2000), (2500, 5000), (7500, 10)):
+            region, mapping = source.read(offset, span)
+            assert bytes(region) == data[offset : offset + span]
+            source.release(mapping)
+        assert source.source_digest() == xxhash.xxh3_128(data).hexdigest()
+    # a chunk that starts before the previous one ended: no digest, the file is hashed apart
+    with _MappedSource(str(path), "sha256") as source:
+        for offset, span in ((0, 4000), (3000, 2000)):
+            source.release(source.read(offset, span)[1])
+        assert source.source_digest() is None
+    with _MappedSource(str(path)) as source:  # not asked to hash
+        assert source.source_digest() is None
+
+
+def test_source_handed_over_to_the_conversion(tmp_path, monkeypatch):
+    """Files the conversion hashes come from it; the thread only checks the cache for them, and one the
+    conversion could not hash (None) is hashed at the end."""
+    rec, idx = tmp_path / "train.rec", tmp_path / "train.idx"
+    rec.write_bytes(b"records")
+    idx.write_bytes(b"0\t0\n")
+    calls = _counting_hasher(monkeypatch)
+    done_dir = tmp_path / "done"
+    done_dir.mkdir()
+
+    def run(delivered):
+        hasher = decode_resume.SourceHasher([rec, idx], done_dir, "sha256", handed_over={str(rec)})
+        hasher.start()
+        return hasher.wait(delivered), hasher.cache_hits
+
+    hashes, hits = run({str(rec): "from-the-conversion"})
+    assert hashes[str(rec)]["sha256"] == "from-the-conversion" and hits == 0
+    assert [p for p, _ in calls] == [idx]  # the .rec was not read by the thread
+    assert list(hashes) == [str(rec), str(idx)]  # file order, as the manifest lists them
+    hashes, hits = run({})  # a rerun: both from the cache
+    assert hits == 2 and hashes[str(rec)]["sha256"] == "from-the-conversion"
+    rec.write_bytes(b"changed records")
+    calls.clear()
+    hashes, hits = run({str(rec): None})  # changed, and the conversion could not hash it
+    assert hashes[str(rec)]["sha256"] == hashlib.sha256(b"changed records").hexdigest()
+    assert [p for p, _ in calls] == [rec] and hits == 1

@@ -181,3 +181,34 @@ def test_manifest_round_trip(tmp_path):
         shards.read_manifest(tmp_path)
     shards.write_manifest(tmp_path, {"num_images": 3, "image_size": [112, 112], "color_order": "RGB"})
     assert shards.read_manifest(tmp_path)["image_size"] == [112, 112]
+
+
+def test_binary_lengths_of_views():
+    array = pa.array([b"a", b"bcd" * 10, b"", b"ef"], pa.binary_view())
+    assert shards.binary_lengths(array).tolist() == [1, 30, 0, 2]
+    chunked = pa.chunked_array([array.slice(1, 2), array])
+    assert shards.binary_lengths(chunked).tolist() == [30, 0, 1, 30, 0, 2]
+
+
+@pytest.mark.parametrize("metadata", [None, {b"made_by": b"facepipe test"}])
+def test_shard_bytes_equal_a_plain_arrow_write(tmp_path, metadata):
+    """The writer hands binary columns to Parquet as views and writes the footer's Arrow schema itself:
+    the file must be byte for byte what pyarrow writes for the schema, and read back as that schema."""
+    schema = shards.TRAIN_SCHEMA.with_metadata(metadata) if metadata else shards.TRAIN_SCHEMA
+    rows = shards.conform(_rows(50, image_bytes=700), schema)
+    with shards.ShardWriter(tmp_path / "ours", row_group_bytes=20 * 700, schema=schema) as writer:
+        writer.write(rows.slice(0, 30))
+        writer.write(rows.slice(30))
+    path = Path(writer.written[0]["path"])
+    groups = [20, 10, 20]  # 20-row groups, cut again where the second write starts
+    plain = tmp_path / "plain.parquet"
+    with pq.ParquetWriter(plain, schema, **shards._writer_options(schema)) as reference:
+        start = 0
+        for size in groups:
+            reference.write_table(rows.slice(start, size), row_group_size=size)
+            start += size
+    assert path.read_bytes() == plain.read_bytes()
+    back, reference_back = pq.read_table(path), pq.read_table(plain)
+    assert back.schema.equals(reference_back.schema, check_metadata=True) and back.equals(reference_back)
+    assert back["image"].type == pa.binary() and back["image"].to_pylist() == rows["image"].to_pylist()
+    assert (back.schema.metadata or {}).get(b"made_by") == (metadata or {}).get(b"made_by")
