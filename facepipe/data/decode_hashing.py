@@ -26,6 +26,7 @@ __all__ = [
     "hash_mapped",
     "new_hash",
     "sha256_mapped",
+    "update_from_mapping",
 ]
 
 SOURCE_HASHES = ("xxh3_128", "sha256")
@@ -62,15 +63,26 @@ def hash_mapped(
         if size == 0:
             return digest.hexdigest()
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            for start in range(0, size, window):
-                if stop is not None and stop.is_set():
-                    return None
-                span = min(window, size - start)
-                mm.madvise(mmap.MADV_WILLNEED, start, span)
-                with memoryview(mm)[start : start + span] as view:
-                    digest.update(view)  # hashlib and xxhash both release the GIL here
-                mm.madvise(mmap.MADV_DONTNEED, start, span)
+            if not update_from_mapping(digest, mm, 0, size, window, stop):
+                return None
     return digest.hexdigest()
+
+
+def update_from_mapping(
+    digest, mm: mmap.mmap, start: int, end: int, window: int = 2 << 20, stop: threading.Event | None = None
+) -> bool:
+    """Feed the mapping's bytes [start, end) to `digest` a window at a time, dropping each window's pages
+    from this process after use; False if `stop` was set midway."""
+    for lo in range(start, end, window):
+        if stop is not None and stop.is_set():
+            return False
+        hi = min(lo + window, end)
+        aligned = lo - lo % mmap.PAGESIZE  # madvise takes page-aligned starts
+        mm.madvise(mmap.MADV_WILLNEED, aligned, hi - aligned)
+        with memoryview(mm)[lo:hi] as view:
+            digest.update(view)  # hashlib and xxhash both release the GIL here
+        mm.madvise(mmap.MADV_DONTNEED, aligned, hi - aligned)
+    return True
 
 
 def sha256_mapped(

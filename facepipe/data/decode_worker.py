@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from facepipe.data.decode_hashing import new_hash
+from facepipe.data.decode_hashing import new_hash, update_from_mapping
 from facepipe.data.decode_parse import ParsedChunk, check_labels, parse_chunk, validate_images
 from facepipe.data.decode_resume import finished_marker, marker_path, shard_path, write_small_json
 from facepipe.errors import DataError
@@ -185,8 +185,6 @@ class _MappedSource:
     `source_digest` is then None and the file is hashed apart.
     """
 
-    _WINDOW = 4 << 20  # stretches hashed outside the chunks are mapped a window at a time
-
     def __init__(self, path: str, hash_algorithm: str | None = None):
         self.path = path
         fd = os.open(path, os.O_RDONLY)
@@ -210,7 +208,7 @@ class _MappedSource:
             if offset < self._hashed:
                 self._digest = None
             else:
-                self._hash_apart(self._hashed, offset)
+                update_from_mapping(self._digest, self.mm, self._hashed, offset)
                 self._digest.update(region)  # releases the GIL; the pages stay for the parse
                 self._hashed = offset + span
         return region, mapping
@@ -220,21 +218,12 @@ class _MappedSource:
         if mapping is not None:
             self.mm.madvise(mmap.MADV_DONTNEED, *mapping)
 
-    def _hash_apart(self, start: int, stop: int) -> None:
-        """Hash bytes no chunk covers, a window at a time, dropping each window after."""
-        for lo in range(start, stop, self._WINDOW):
-            hi = min(lo + self._WINDOW, stop)
-            with memoryview(self.mm)[lo:hi] as view:
-                self._digest.update(view)
-            aligned = lo - lo % mmap.PAGESIZE
-            self.mm.madvise(mmap.MADV_DONTNEED, aligned, hi - aligned)
-
     def source_digest(self) -> str | None:
         """Hex digest of the whole file, when hashing was asked for and every chunk came in file order."""
         if self._digest is None:
             return None
         if self.mm is not None:
-            self._hash_apart(self._hashed, self.size)
+            update_from_mapping(self._digest, self.mm, self._hashed, self.size)
         self._hashed = self.size
         return self._digest.hexdigest()
 
@@ -298,16 +287,15 @@ def _payload_views(parsed: ParsedChunk, region: memoryview, rows: np.ndarray):
     starts, lengths = parsed.starts[rows], parsed.stops[rows] - parsed.starts[rows]
     buffer_index = np.zeros(len(rows), dtype=np.int32)
     buffers = [u8]
-    if parsed.slow:
-        slow = [(row, i) for row, i in enumerate(rows.tolist()) if i in parsed.slow]
-        pieces = [np.frombuffer(parsed.slow[i], dtype=np.uint8) for _, i in slow]
-        at = [row for row, _ in slow]
-        sizes = np.array([len(p) for p in pieces], dtype=np.int64)
+    if parsed.slow:  # reassembled multi-frame payloads: one buffer of their own
+        at = [row for row, i in enumerate(rows.tolist()) if i in parsed.slow]
+        pieces = [parsed.slow[int(rows[row])] for row in at]
+        sizes = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
         starts, lengths = starts.copy(), lengths.copy()
         starts[at] = np.cumsum(sizes) - sizes
         lengths[at] = sizes
         buffer_index[at] = 1
-        buffers.append(np.concatenate(pieces))
+        buffers.append(np.frombuffer(b"".join(pieces), dtype=np.uint8))
     views = binary_views(buffers, buffer_index, starts, lengths)
     array = pa.Array.from_buffers(
         pa.binary_view(), len(rows), [None, pa.py_buffer(views), *map(pa.py_buffer, buffers)]
