@@ -1,27 +1,55 @@
-# Two front doors: `make demo` (the main job) and `make test`. Both create .venv when needed.
+# Two front doors: `make demo` (the main job) and `make test`. Both build .venv from requirements.lock
+# when needed; `make lock` is the one way to change what the lock pins.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+LOCKTOOL := $(PYTHON) tools/lockfile.py
+PIP_INSTALL := $(PY) -m pip install --quiet --no-deps --require-hashes
 
-.PHONY: demo test lint venv clean-demo bench
+.PHONY: demo test lint venv lock lock-check system-deps
 
-venv: $(STAMP)
+venv: lock-check $(STAMP)
 
-# torch is pinned and installed first: an unpinned torch pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+# A new lock builds a new .venv, so nothing installed by an older lock (or by hand) survives: the
+# environment is exactly the lock. torch goes first, from its own pinned, hashed line (the CPU wheel):
+# an unpinned torch pulls a multi-GB CUDA build. Nothing is resolved here; pip only installs pins.
+$(STAMP): $(LOCK)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(LOCKTOOL) only torch > $(VENV)/torch.lock
+	$(PIP_INSTALL) -r $(VENV)/torch.lock
+	$(PIP_INSTALL) -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Fails with "run `make lock`" when pyproject.toml's dependencies changed after the lock was made.
+lock-check:
+	@$(LOCKTOOL) check
+
+demo: lock-check $(STAMP)
 	$(PY) -m facepipe demo
 
-test: $(STAMP)
-	$(PY) -m ruff check facepipe flows tests bench
+# System packages some tests need (Chromium for the report's browser check), via apt-get when missing.
+system-deps:
+	@bash infra/scripts/install-system-deps.sh
+
+test: lock-check $(STAMP) system-deps
+	$(PY) -m ruff check facepipe flows tests bench tools
 	$(PY) -m pytest -q --durations=15 tests
 
-lint: $(STAMP)
-	$(PY) -m ruff check facepipe flows tests bench
+lint: lock-check $(STAMP)
+	$(PY) -m ruff check facepipe flows tests bench tools
+
+# Re-resolve pyproject.toml's ranges into exact pins with hashes (keeping current pins where they still
+# fit; `make lock UPGRADE=1` takes the newest), then point the images and manifests at the new versions.
+lock:
+	test -x $(PY) || $(MAKE) $(STAMP)
+	CUSTOM_COMPILE_COMMAND="make lock" $(PY) -m piptools compile --quiet --generate-hashes --allow-unsafe \
+		--strip-extras --extra dev --extra cluster --no-emit-index-url --no-emit-find-links \
+		--no-emit-trusted-host $(if $(UPGRADE),--upgrade) -o $(LOCK) pyproject.toml
+	$(LOCKTOOL) stamp
+	$(LOCKTOOL) sync-versions
+	@echo "requirements.lock updated; the next make test/demo rebuilds .venv from it"

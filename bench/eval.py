@@ -225,6 +225,9 @@ def task(name: str, side: str, cfg: dict) -> dict:
         out["seconds"], out["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     else:
         mls = name == "template_mls"
+        if mls and side == "facepipe":
+            # the score is PFE's own (facepipe.uncertainty); import torch before the clock starts
+            import facepipe.uncertainty.registry  # noqa: F401
         feats, p1, p2, var = template_inputs(cfg, with_var=mls)
         n_base = cfg["baseline_pairs_mls" if mls else "baseline_pairs"]
         t0, c0 = time.perf_counter(), time.process_time()

@@ -25,8 +25,10 @@ def epoch_seconds(
 ) -> float:
     import torch
 
-    from facepipe.train.uncertainty import build_head_model, epoch_plan, head_loss, unit_labels, windows
+    from facepipe.data.sampling import epoch_plan, unit_labels, windows
+    from facepipe.train.uncertainty import head_loss
     from facepipe.uncertainty import get_method
+    from facepipe.uncertainty.head_io import build_head_model
 
     torch.manual_seed(0)
     method = get_method(method_name)
@@ -59,10 +61,11 @@ def main() -> None:
 
     from bench.loader import write_shards
     from facepipe.data.loader import shard_units
+    from facepipe.data.sampling import unit_labels
+    from facepipe.models.bundle import BundleInfo, save_bundle
     from facepipe.models.registry import build_backbone
-    from facepipe.train.checkpoint import BundleInfo, save_bundle
+    from facepipe.train.feature_source import CachedFeatures, RecomputedFeatures
     from facepipe.train.features import cache_features, cache_info, cached_shards
-    from facepipe.train.uncertainty import CachedFeatures, RecomputedFeatures, unit_labels
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -82,7 +82,7 @@ def _backbone(config: Any, name: str, out: Path) -> dict[str, Any]:
     from facepipe.train.backbone import train_backbone
 
     result = train_backbone(config, run_name=name, register=False, track=False)
-    model = load_eval_model(str(result.bundle_dir), config.tracking)
+    model = load_eval_model(str(result.bundle_dir))
     summary, _ = evaluate_model(
         model, config.paths.shards, out, n_folds=config.eval.folds, flip=config.eval.flip
     )
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/facepipe-quality")
     args = parser.parse_args(argv)
 
-    from facepipe.train.ray_job import ray_session
+    from facepipe.cluster import ray_session
 
     methods = [m for m in args.methods.split(",") if m]
     result: dict[str, Any] = {"config": dict(vars(args)), "seeds": {}}

@@ -15,7 +15,7 @@ import sys
 from facepipe.errors import FacepipeError
 
 # Order is the order shown in --help: the pipeline's stages, then the whole job.
-COMMANDS = ["synth", "decode", "align", "train", "evaluate", "export", "register", "demo"]
+COMMANDS = ["synth", "decode", "align", "train", "evaluate", "compare", "export", "register", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +43,34 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # No user-facing traceback: one line saying what is wrong and where; the traceback only with -v.
     try:
         result = args.func(args)
     except FacepipeError as err:
-        print(f"facepipe {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(args, str(err), 2)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted; run the same command again to resume", 130)
+    except Exception as err:  # noqa: BLE001 - anything unforeseen still ends in one clear line
+        hint = "" if args.verbose else "; run again with -v for the traceback"
+        return _fail(args, f"{_describe(err)}{hint}", 1)
     return int(result or 0)
+
+
+def _describe(err: BaseException) -> str:
+    """An unexpected exception in one line: its type, message and, for OS errors, the file."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.strerror or type(err).__name__} (file {err.filename})"
+    if isinstance(err, MemoryError):
+        return "out of memory (MemoryError); use fewer --workers or a smaller input"
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.verbose:
+        logging.getLogger("facepipe").exception("traceback of the error below")
+    one_line = " ".join(message.split())  # an exception's text may span lines (pyarrow, numpy)
+    print(f"facepipe {args.command}: error: {one_line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ class FinetuneConfig(Section):
 
 
 class TrainUncertaintyConfig(Section):
-    method: Literal["pfe", "probface", "scf"] = "probface"
+    method: str = "probface"  # a name of facepipe.uncertainty.registry, which the head stage checks
     backbone_uri: str = "models:/facepipe-backbone@champion"
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_epochs=0.0))
     scaling: ScalingConfig = Field(default_factory=lambda: ScalingConfig(num_workers=1))
@@ -162,6 +162,13 @@ class EvalConfig(Section):
     folds: int = 10
     flip: bool = True
     batch_size: int = 256
+    # ISO/IEC 29794-1 EDC (facepipe.eval.edc): threshold at each FMR target, pAUC up to the discard
+    # limit, curves reported/plotted up to edc_discard_max
+    edc_fmr_targets: list[float] = Field(default_factory=lambda: [1e-3, 1e-4])
+    edc_discard_limit: float = Field(0.2, gt=0.0, le=1.0)
+    edc_discard_max: float = Field(0.5, gt=0.0, le=1.0)
+    # what a discard fraction is a fraction of: all comparisons, or (ISO FNMR-EDC) the mated ones
+    edc_population: Literal["all", "mated"] = "all"
 
 
 class TrackingConfig(Section):

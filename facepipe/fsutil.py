@@ -49,6 +49,14 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save(obj)` to `path` atomically (torch is imported here only: it is heavy)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
@@ -82,3 +90,18 @@ def clean_stale_temps(directory: str | os.PathLike) -> int:
             tmp.unlink()
             removed += 1
     return removed
+
+
+def escape_name(name: str | bytes) -> str:
+    """A file or folder name as strict UTF-8 text that keeps the original bytes: every backslash doubled
+    and every byte that is not UTF-8 written `\\xNN` (Python reads such names with surrogate escapes,
+    which strict JSON readers and Arrow refuse). `unescape_name` gives the bytes back."""
+    raw = os.fsencode(name)
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def unescape_name(text: str) -> bytes:
+    """The original bytes of a name written by `escape_name`."""
+    import codecs
+
+    return codecs.escape_decode(text.encode("utf-8"))[0]

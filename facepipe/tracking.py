@@ -7,7 +7,7 @@ nothing is inferred: inference costs ~14 s and guesses), registers it, gives the
 alias `challenger`, and moves `champion` to it when it beats the current champion on
 `tracking.champion_metric` (higher is better).
 
-A registered model holds a backbone bundle (see `facepipe.train.checkpoint`) and, for the uncertainty
+A registered model holds a backbone bundle (see `facepipe.models.bundle`) and, for the uncertainty
 stages, the head's weights: `models:/<name>@champion` loads back as a pyfunc returning the same
 embeddings (and uncertainties), and `download_model` gives the stages the bundle itself.
 """
@@ -27,18 +27,29 @@ import yaml
 from facepipe.config import Config, TrackingConfig, dump_config, flatten
 from facepipe.errors import FacepipeError
 from facepipe.fsutil import sha256_file
+from facepipe.models.bundle import find_bundle, read_bundle_info
 
 log = logging.getLogger(__name__)
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
-MODEL_NAMES = {
-    "backbone": "facepipe-backbone",
-    "pfe": "facepipe-pfe",
-    "probface": "facepipe-probface",
-    "scf": "facepipe-scf",
-}
+BACKBONE_MODEL = "facepipe-backbone"
 METRIC_TAG = "metric."  # version tags carry the metrics the champion decision used
+
+
+def model_name(stage: str) -> str:
+    """The registered model of a stage: the backbone's, or the uncertainty method's (from its registry)."""
+    names = model_names()
+    if stage not in names:
+        raise FacepipeError(f"unknown stage {stage!r}; known: {sorted(names)}")
+    return names[stage]
+
+
+def model_names() -> dict[str, str]:
+    """stage -> registered model name, for the backbone and every registered uncertainty method."""
+    from facepipe.uncertainty.registry import METHODS  # lazy: torch
+
+    return {"backbone": BACKBONE_MODEL, **{name: spec.model_name for name, spec in METHODS.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,13 +229,13 @@ def _python_model() -> Any:
         """Images (float32 NCHW, normalised as in training) -> embeddings (and uncertainties)."""
 
         def load_context(self, context):
-            from facepipe.train.checkpoint import load_bundle
+            from facepipe.models.bundle import load_bundle
 
             self.backbone, self.info, _ = load_bundle(context.artifacts["bundle"])
             self.head = None
             head_dir = context.artifacts.get("head")
             if head_dir:
-                from facepipe.train.uncertainty import load_head
+                from facepipe.uncertainty.head_io import load_head  # lazy: torch
 
                 self.head = load_head(head_dir, self.info)
 
@@ -280,15 +291,17 @@ def log_and_register(
     """
     import mlflow
 
-    from facepipe.train.checkpoint import BundleInfo, find_bundle
-
-    name = MODEL_NAMES[stage]
+    name = model_name(stage)
     mlc = client(tracking)
     bundle_dir = find_bundle(bundle_dir)
-    info = BundleInfo.from_json(json.loads((bundle_dir / "bundle.json").read_text()))
+    info = read_bundle_info(bundle_dir)
     artifacts = {"bundle": str(bundle_dir)}
     if head_dir is not None:
         artifacts["head"] = str(head_dir)
+        if uncertainty_size is None:
+            from facepipe.uncertainty.head_io import head_uncertainty_size  # lazy: torch
+
+            uncertainty_size = head_uncertainty_size(head_dir)
     package_dir = Path(__file__).resolve().parent
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         model_info = mlflow.pyfunc.log_model(
@@ -378,8 +391,6 @@ def load_model(uri: str, tracking: TrackingConfig) -> Any:
 
 def resolve_bundle(source: str, tracking: TrackingConfig, dst: str | os.PathLike | None = None) -> Path:
     """A local backbone bundle from a `models:/...` / `runs:/...` URI or a bundle/checkpoint path."""
-    from facepipe.train.checkpoint import find_bundle
-
     if "://" in source or source.startswith("models:/") or source.startswith("runs:/"):
         return find_bundle(download_model(source, tracking, dst))
     path = Path(source)

@@ -13,12 +13,23 @@ from typing import Any
 
 from prefect import flow
 
-from facepipe.tracking import MODEL_NAMES
-from flows.stages import FlowSettings, cli_supports, publish_links, registered_model, run_stage
+from facepipe.tracking import model_names
+from flows.stages import (
+    FlowSettings,
+    StageFailed,
+    cli_supports,
+    publish_links,
+    registered_model,
+    run_stage,
+)
 
 
 def benchmark_argv(s: FlowSettings, model_uri: str, data: str, out: str) -> list[str]:
     return ["evaluate", "--model", model_uri, "--shards", data, "--out", out, *s.config_args()]
+
+
+def compare_argv(s: FlowSettings, model_uris: list[str], data: str, out: str) -> list[str]:
+    return ["compare", "--models", *model_uris, "--shards", data, "--out", out, *s.config_args()]
 
 
 def report_dir(s: FlowSettings, model: dict[str, Any]) -> str:
@@ -62,7 +73,7 @@ def benchmark(
             name, _, version = m.removeprefix("models:/").partition("/")
             resolved.append(registered_model(uri, s.workdir, name, version=version or None))
     else:
-        for name in MODEL_NAMES.values():
+        for name in model_names().values():
             try:
                 resolved.append(registered_model.fn(uri, s.workdir, name, alias=alias))
             except RuntimeError:
@@ -82,5 +93,20 @@ def benchmark(
         stages.append(stage)
         out_dir = Path(s.workdir) / out
         reports[model["uri"]] = {"dir": str(out_dir), "metrics": read_metrics(out_dir), "model": model}
-    publish_links("benchmark", "benchmark: reports and MLflow runs", stages, {"reports": list(reports)})
-    return {"reports": reports, "stages": stages}
+    comparison = None
+    heads = [m["uri"] for m in resolved if m["name"] != model_names()["backbone"]]
+    if heads and cli_supports(["compare"], "--models"):
+        # every head (same backbone) and the quality baselines side by side: EDC, risk, accuracy
+        out = str(Path(s.config.paths.reports) / "comparison")
+        params = {"eval": s.section("eval"), "models": heads}
+        argv = compare_argv(s, heads, data, out)
+        try:
+            stages.append(
+                run_stage("benchmark-compare", argv, s.workdir, [data], [out], params, **s.tracking)
+            )
+            comparison = str(Path(s.workdir) / out / "comparison.html")
+        except StageFailed as err:  # e.g. heads of different backbones: keep the per-model reports
+            print(f"comparison report skipped: {err}")
+    links = {"reports": list(reports), "comparison": comparison}
+    publish_links("benchmark", "benchmark: reports and MLflow runs", stages, links)
+    return {"reports": reports, "stages": stages, "comparison": comparison}

@@ -58,7 +58,7 @@ def pipeline(
 ) -> dict[str, Any]:
     """Run every stage; returns {models, benchmark, reports, data_version, mlflow_runs, summary_path}.
 
-    `methods`: the uncertainty heads to train (default: pfe, probface, scf). `ray_address`: a Ray
+    `methods`: the uncertainty heads to train (default: every registered method). `ray_address`: a Ray
     cluster for the training stages (None: each stage starts local Ray); `num_workers`/`use_gpu`:
     the backbone stage's Ray Train scaling.
     """
@@ -102,6 +102,7 @@ def pipeline(
             for m in models
         },
         "reports": [r["dir"] for r in bench["reports"].values()],
+        "comparison_report": bench.get("comparison"),  # heads + baselines side by side (HTML)
         "benchmark_note": bench.get("skipped")
         and f"benchmark skipped: {bench['skipped']}; numbers are the "
         "training stages' own verification metrics",

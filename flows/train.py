@@ -12,7 +12,8 @@ from typing import Any
 
 from prefect import flow
 
-from facepipe.tracking import MODEL_NAMES
+from facepipe.tracking import model_name
+from facepipe.uncertainty.registry import method_names
 from flows.evaluate import benchmark
 from flows.stages import FlowSettings, publish_links, registered_model, run_name, run_stage, scaling_overrides
 
@@ -57,7 +58,7 @@ def train_backbone(
         **s.tracking,
     )
     model = registered_model(
-        s.config.tracking.tracking_uri, s.workdir, MODEL_NAMES["backbone"], run_ids=_run_ids(stage)
+        s.config.tracking.tracking_uri, s.workdir, model_name("backbone"), run_ids=_run_ids(stage)
     )
     publish_links("train-backbone", "train-backbone: MLflow runs", [stage], {"registered": model})
     return {"model": model, "stage": stage}
@@ -82,7 +83,7 @@ def train_head(
     ])  # fmt: skip
     data = data or s.config.paths.shards
     tracking_uri = s.config.tracking.tracking_uri
-    backbone = registered_model(tracking_uri, s.workdir, MODEL_NAMES["backbone"], alias=backbone_alias)
+    backbone = registered_model(tracking_uri, s.workdir, model_name("backbone"), alias=backbone_alias)
     stage_params = {"train_uncertainty": s.section("train_uncertainty"), "backbone": backbone["uri"]}
     stage = run_stage(
         f"train-{method}",
@@ -93,14 +94,14 @@ def train_head(
         env=s.ray_env(ray_address),
         **s.tracking,
     )
-    model = registered_model(tracking_uri, s.workdir, MODEL_NAMES[method], run_ids=_run_ids(stage))
+    model = registered_model(tracking_uri, s.workdir, model_name(method), run_ids=_run_ids(stage))
     report = None
     if run_benchmark:
         report = benchmark(
             workdir=s.workdir, params=s.params, overrides=s.overrides, models=[model["uri"]], data=data
         )
     # the benchmark may have moved `champion`: report the aliases as they stand now
-    model = registered_model(tracking_uri, s.workdir, MODEL_NAMES[method], version=model["version"])
+    model = registered_model(tracking_uri, s.workdir, model_name(method), version=model["version"])
     publish_links(
         f"train-{method}",
         f"train-{method}: MLflow runs",
@@ -140,7 +141,6 @@ def _head_flow(method: str):
     return flow(name=f"train-{method}", retries=1, retry_delay_seconds=10, log_prints=True)(train)
 
 
-train_pfe = _head_flow("pfe")
-train_probface = _head_flow("probface")
-train_scf = _head_flow("scf")
-HEAD_FLOWS = {"pfe": train_pfe, "probface": train_probface, "scf": train_scf}
+# one flow per registered method; prefect.yaml names them by these module attributes
+HEAD_FLOWS = {method: _head_flow(method) for method in method_names()}
+train_pfe, train_probface, train_scf = HEAD_FLOWS["pfe"], HEAD_FLOWS["probface"], HEAD_FLOWS["scf"]

@@ -1,4 +1,4 @@
-"""Shared fixtures: where the shared fixture folders are, skipping clearly when they are absent.
+"""Shared fixtures: where the shared fixture folders are (skipped with a reason when absent, failed under CI).
 
 Each folder comes from an environment variable, defaulting to ../shared/fixtures/... next to the
 repository, so the same tests run on any folder of the same layout.
@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixture_dirs import missing_fixture
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 
@@ -18,7 +20,7 @@ SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 def _fixture_dir(env: str, default: Path) -> Path:
     path = Path(os.environ.get(env, default))
     if not path.is_dir():
-        pytest.skip(f"fixture folder {path} is absent (set {env} to a folder of the same layout)")
+        missing_fixture(f"fixture folder {path} is absent (set {env} to a folder of the same layout)")
     return path
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from facepipe.data.image_header import add_max_pixels_option
+
 _DESCRIPTION = """\
 Align every face of SRC to a 5-point template and write training shards that the
 train stage reads like decoded .rec shards.
@@ -20,7 +22,7 @@ _EPILOG = """\
 writes:
   OUT/train/part-*.parquet   aligned crops, landmarks, detector score, source path
   OUT/rejects.parquet        images without a usable face, with the reason
-  OUT/labels.json            identity name -> label
+  OUT/labels.json            identity name -> label (names escaped losslessly, see README)
   OUT/manifest.json          counts, settings, shard checksums (written last)
   OUT/contact_sheet.png      a grid of crops with the template points, to check by eye
   OUT/pairs/<name>.parquet   with --pairs: verification pairs of aligned crops
@@ -70,6 +72,7 @@ def register(subparsers) -> None:
         metavar="PX",
         help="shrink images to this longest side before detection (default: %(default)s)",
     )
+    add_max_pixels_option(faces)
 
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -145,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         ("--chunk-size", args.chunk_size, 1, None),
         ("--target-mb", args.target_mb, 1, None),
         ("--max-side", args.max_side, 32, None),
+        ("--max-pixels", args.max_pixels, 1, None),
         ("--quality", args.quality, 1, 100),
     ):
         if value < low or (high is not None and value > high):
@@ -158,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         image_format=args.format,
         jpeg_quality=args.quality,
         dataset=args.dataset,
+        max_pixels=args.max_pixels,
     )
     result = run_align(
         args.src,

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from facepipe.data.decode_hashing import DEFAULT_SOURCE_HASH, SOURCE_HASHES
+from facepipe.data.image_header import add_max_pixels_option
 from facepipe.errors import FacepipeError
 
 
@@ -38,6 +39,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="decode every image: a bad one stops the run (or is rejected with --skip-bad)",
     )
+    add_max_pixels_option(parser)
     parser.add_argument(
         "--skip-bad", action="store_true", help="record bad records in OUT/rejects.parquet and go on"
     )
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         color_order=args.color_order,
         row_group_bytes=int(args.row_group_mb * (1 << 20)) if args.row_group_mb else None,
         source_hash=args.source_hash,
+        max_pixels=args.max_pixels,
     )
     shard_bytes = sum(s["bytes"] for s in manifest["shards"])
     lines = {
@@ -96,4 +99,10 @@ def run(args: argparse.Namespace) -> int:
             f"{src['num_images']} images, labels {first}..{first + src['num_classes'] - 1}"
         )
     print(summary("facepipe decode: done", lines))
+    if manifest["num_images"] == 0:  # shards, pair tables and rejects are written; the run still failed
+        rejected = manifest["rejects"]["count"]
+        where = f": every record was rejected ({rejected}, see {os.path.join(out, 'rejects.parquet')})"
+        raise FacepipeError(
+            f"the training set is empty{where if rejected else ''}; fix or replace the source and run again"
+        )
     return 0

@@ -21,6 +21,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from facepipe.commands.choices import KindChoices, MethodChoices
 from facepipe.errors import DataError, FacepipeError
 
 log = logging.getLogger("facepipe.evaluate")
@@ -56,7 +57,7 @@ def register(subparsers) -> None:
     parser.add_argument("--pairs", type=Path, help="pair table (.parquet with issame, fold)")
     parser.add_argument(
         "--uncertainty",
-        choices=["auto", "none", "sigma_sq", "inv_kappa"],
+        choices=KindChoices("auto", "none"),
         default="auto",
         help="what the file's 'uncertainty' holds (auto: the file's 'kind', else sigma_sq; none: ignore it)",
     )
@@ -67,9 +68,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--fusion",
-        choices=["insightface", "pfe", "probface", "scf"],
+        choices=MethodChoices("insightface"),
         default="insightface",
-        help="template fusion for --templates (pfe/probface/scf need 'uncertainty' in the file)",
+        help="template fusion for --templates (an uncertainty method needs 'uncertainty' in the file)",
     )
     parser.add_argument(
         "--folds", type=int, default=None, help="k of the k-fold protocol (default 10; --model: eval.folds)"
@@ -116,6 +117,10 @@ def _run_pairs(args: argparse.Namespace):
 
     if args.pairs is not None and not args.pairs.is_file():
         raise DataError("pair table not found", path=args.pairs)
+    if args.features.is_file() and args.features.suffix != ".parquet":
+        from facepipe.npz import check_npz
+
+        check_npz(args.features, "features")  # a truncated or non-zip .npz: one error naming the file
     features = load_pair_features(args.features, args.pairs)
     if args.uncertainty == "none":
         features.uncertainty = None
@@ -123,26 +128,30 @@ def _run_pairs(args: argparse.Namespace):
         features.kind = args.uncertainty
     name = args.name or (args.pairs.stem if args.pairs else args.features.stem)
     log.info("evaluating %d pairs of %s", features.n_pairs, name)
+    edc = _edc_settings(args)
     try:
-        return evaluate_pair_features(features, args.out, name, _rates(args.rejection), args.folds or 10)
+        return evaluate_pair_features(features, args.out, name, _rates(args.rejection), args.folds or 10, edc)
     except ValueError as err:
         raise FacepipeError(f"{args.features}: {err}") from err
 
 
-def _run_templates(args: argparse.Namespace):
-    import numpy as np
+def _edc_settings(args: argparse.Namespace):
+    """EDC targets and limits from the parameters file (eval.edc_*); defaults when there is none."""
+    from facepipe.config import load_config
+    from facepipe.eval.edc_report import EdcSettings
 
+    return EdcSettings.from_config(load_config(args.config, args.overrides).eval)
+
+
+def _run_templates(args: argparse.Namespace):
     from facepipe.eval.ijb import aggregate_insightface, verify_templates
     from facepipe.eval.report import plot_det, plot_roc, write_metrics
+    from facepipe.npz import load_npz
 
     path = args.templates
     if not path.is_file():
         raise DataError("templates file not found", path=path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read templates file: {err}", path=path) from err
+    data = load_npz(path, "templates")  # names the file on a truncated or non-zip .npz
     missing = [k for k in ("embeddings", "templates", "medias", "p1", "p2", "label") if k not in data]
     if missing:
         raise DataError(f"templates file lacks {missing}", path=path)
@@ -176,27 +185,32 @@ def _run_templates(args: argparse.Namespace):
 
 def _fused_templates(method: str, data: dict, path: Path):
     """Templates fused by an uncertainty method's own ``fuse`` and scored by its ``pair_score``."""
-    import importlib
-
     import numpy as np
 
     from facepipe.eval.ijb import aggregate_with, verify_templates
     from facepipe.eval.scoring import numpy_callable
     from facepipe.eval.verification import l2_normalize
+    from facepipe.uncertainty.registry import get_method
 
+    spec = get_method(method)
     if "uncertainty" not in data:
-        raise DataError(f"--fusion {method} needs an 'uncertainty' array (σ², or 1/κ for scf)", path=path)
-    module = importlib.import_module(f"facepipe.uncertainty.{method}")
+        raise DataError(
+            f"--fusion {method} needs an 'uncertainty' array ({spec.uncertainty_kind})", path=path
+        )
     emb = data["embeddings"] if data.get("flipped") is None else data["embeddings"] + data["flipped"]
     mu = l2_normalize(emb)
     unc = np.asarray(data["uncertainty"], dtype=np.float64).reshape(mu.shape[0], -1)
-    if method == "scf":
-        unc = 1.0 / unc  # the file stores 1/κ; SCF fuses and scores with κ
-    mu_t, unc_t, uniq = aggregate_with(mu, unc, data["templates"], numpy_callable(module.fuse))
+    unc = spec.to_stored(unc)  # the file stores e.g. 1/κ; the method fuses and scores its own u (κ)
+    mu_t, unc_t, uniq = aggregate_with(mu, unc, data["templates"], numpy_callable(spec.fuse))
     res = verify_templates(
-        mu_t, uniq, data["p1"], data["p2"], data["label"], numpy_callable(module.pair_score), unc_t
+        mu_t, uniq, data["p1"], data["p2"], data["label"], numpy_callable(spec.pair_score), unc_t
     )
     return res, uniq
+
+
+def is_model_uri(source: str) -> bool:
+    """A registered model / run URI (`models:/NAME@ALIAS`, `runs:/...`) rather than a local folder."""
+    return "://" in source or source.startswith(("models:/", "runs:/"))
 
 
 def _run_model(args: argparse.Namespace) -> int:
@@ -204,8 +218,10 @@ def _run_model(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
+    from facepipe import tracking
     from facepipe.config import load_config
-    from facepipe.eval.model_features import evaluate_model, load_eval_model
+    from facepipe.eval.edc_report import EdcSettings
+    from facepipe.eval.model_features import evaluate_model, load_eval_model, score_names
     from facepipe.progress import summary
 
     if args.shards is None:
@@ -218,12 +234,18 @@ def _run_model(args: argparse.Namespace) -> int:
     folds = args.folds or ev.folds
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="facepipe-eval-") as tmp:
-        model = load_eval_model(args.model, config.tracking, tmp)
-        tables, paths = evaluate_model(model, args.shards, args.out, rates, folds, ev.batch_size, ev.flip)
+        # the command resolves a model URI into a local folder, so evaluation never talks to MLflow
+        local = (
+            tracking.download_model(args.model, config.tracking, tmp) if is_model_uri(args.model) else None
+        )
+        model = load_eval_model(local or args.model, args.model)
+        tables, paths = evaluate_model(
+            model, args.shards, args.out, rates, folds, ev.batch_size, ev.flip, EdcSettings.from_config(ev)
+        )
     lines = {"model": args.model + (f" ({model.method} head)" if model.method else " (backbone)")}
     for name, m in tables.items():
         text = f"acc {m['accuracy']:.4f} ± {m['std']:.4f}"
-        for key in ("mls_pfe_accuracy", "mls_probface_accuracy", "scf_accuracy", "clean_accuracy"):
+        for key in [f"{score}_accuracy" for score in score_names()] + ["clean_accuracy"]:
             if key in m:
                 text += f", {key.removesuffix('_accuracy')} {m[key]:.4f}"
         if "spearman_uncertainty_degradation" in m:

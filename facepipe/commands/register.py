@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from facepipe.commands.choices import MethodChoices
 from facepipe.errors import FacepipeError
 
 
@@ -25,9 +26,9 @@ def register(subparsers) -> None:
         help="register a model in MLflow (challenger / champion aliases) or show aliases",
         description="Register a backbone bundle (and uncertainty head) in the MLflow model registry.",
     )
-    parser.add_argument("stage", choices=["backbone", "pfe", "probface", "scf"])
+    parser.add_argument("stage", choices=MethodChoices("backbone"))
     parser.add_argument("source", nargs="?", help="bundle folder (or a checkpoint holding one)")
-    parser.add_argument("--head", default=None, help="uncertainty head folder (pfe/probface/scf)")
+    parser.add_argument("--head", default=None, help="uncertainty head folder (for a method's stage)")
     parser.add_argument("--metrics", type=Path, default=None, help="JSON file of metrics (flat)")
     parser.add_argument("--metric", action="append", default=[], metavar="NAME=VALUE", help="a metric")
     parser.add_argument("--show", action="store_true", help="list versions and aliases")
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from facepipe.config import load_config
 
     config = load_config(args.config, args.overrides)
-    name = tracking.MODEL_NAMES[args.stage]
+    name = tracking.model_name(args.stage)
     mlc = tracking.client(config.tracking)
     if args.champion:
         mlc.set_registered_model_alias(name, tracking.CHAMPION, str(args.champion))
@@ -75,12 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise FacepipeError(f"{args.stage} needs --head (the trained uncertainty head folder)")
     run_id = tracking.start_run(config, f"register-{args.stage}", None, "tracking", f"register-{args.stage}")
     tracking.log_metrics(config.tracking, run_id, metrics)
-    u_size = None
-    if args.head:
-        meta = json.loads(next(Path(args.head).rglob("head.json")).read_text())
-        u_size = meta["embedding_size"] if args.stage == "pfe" else 1
     out = tracking.log_and_register(
-        config.tracking, run_id, args.stage, args.source, metrics, head_dir=args.head, uncertainty_size=u_size
+        config.tracking, run_id, args.stage, args.source, metrics, head_dir=args.head
     )
     tracking.end_run(config.tracking, run_id)
     print(f"{out['name']} v{out['version']}: challenger{' + champion' if out['champion'] else ''}")

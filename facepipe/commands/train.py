@@ -1,7 +1,7 @@
 """`facepipe train backbone|uncertainty|finetune`: the training stages on Ray Train.
 
     facepipe train backbone [--config params.yaml] [--shards DIR] [--name RUN] [--metrics-out FILE] [k=v ...]
-    facepipe train uncertainty --method pfe|probface|scf --backbone models:/facepipe-backbone@champion
+    facepipe train uncertainty --method METHOD --backbone models:/facepipe-backbone@champion
     facepipe train finetune --backbone models:/facepipe-backbone@champion
 
 Re-running with the same `--name` resumes that run from its latest checkpoint. `--address` attaches to
@@ -11,6 +11,8 @@ a Ray cluster (same as `train_*.scaling.address=...`).
 from __future__ import annotations
 
 import argparse
+
+from facepipe.commands.choices import MethodChoices
 
 
 def register(subparsers) -> None:
@@ -22,7 +24,7 @@ def register(subparsers) -> None:
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage, text in (
         ("backbone", "backbone + margin head (DDP, checkpoints, resume)"),
-        ("uncertainty", "PFE / ProbFace / SCF head on a frozen backbone"),
+        ("uncertainty", "an uncertainty head (a registered method) on a frozen backbone"),
         ("finetune", "triplet fine-tuning with the centre term (video model)"),
     ):
         sub = stages.add_parser(stage, help=text, description=text)
@@ -44,7 +46,7 @@ def register(subparsers) -> None:
                 help="model URI (models:/NAME@ALIAS) or a bundle/checkpoint folder",
             )
         if stage == "uncertainty":
-            sub.add_argument("--method", choices=["pfe", "probface", "scf"], default=None)
+            sub.add_argument("--method", choices=MethodChoices(), default=None)
             sub.add_argument(
                 "--no-cache",
                 action="store_true",

@@ -28,7 +28,6 @@ from facepipe.data.align_geometry import (
 from facepipe.data.align_merge import merge_chunks
 from facepipe.data.align_pairs import read_pairs_file, write_pairs
 from facepipe.data.align_plan import (
-    IMAGE_EXTENSIONS,
     PLAN_VERSION,
     AlignSettings,
     ChunkTask,
@@ -53,7 +52,6 @@ __all__ = [
     "jpeg_size",
     "decode_for_alignment",
     "encode_image",
-    "IMAGE_EXTENSIONS",
     "PLAN_VERSION",
     "AlignSettings",
     "ChunkTask",

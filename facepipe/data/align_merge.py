@@ -17,6 +17,7 @@ from facepipe.data.align_pairs import write_pairs
 from facepipe.data.align_plan import AlignSettings, ChunkTask, read_json
 from facepipe.data.align_worker import REJECT_REASONS, chunk_paths, rejects_schema
 from facepipe.data.contact_sheet import write_contact_sheet
+from facepipe.fsutil import escape_name
 
 __all__ = ["merge_chunks"]
 
@@ -71,7 +72,8 @@ def merge_chunks(
         raise RuntimeError(f"{plan['num_inputs']} inputs but {aligned} aligned + {rejected} rejected")
 
     if plan["kind"] == "folders":
-        labels = {name: label for label, (name, _count) in enumerate(plan["identities"])}
+        # strict UTF-8 keys whatever the folder names' bytes (fsutil.escape_name; see the README)
+        labels = {escape_name(name): label for label, (name, _count) in enumerate(plan["identities"])}
         num_classes = len(labels)
     else:
         num_classes = max(plan.get("num_classes") or 0, max_label + 1)

@@ -13,15 +13,16 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from facepipe.data.image_header import DEFAULT_MAX_PIXELS, HEADER_BYTES, image_format
 from facepipe.errors import DataError, FacepipeError
 from facepipe.fsutil import sha256_file
 
 __all__ = [
     "PLAN_VERSION",
-    "IMAGE_EXTENSIONS",
     "AlignSettings",
     "ChunkTask",
     "list_identity_files",
+    "looks_like_image",
     "find_input_shards",
     "plan_job",
     "plan_digest",
@@ -32,10 +33,6 @@ __all__ = [
 ]
 
 PLAN_VERSION = 1
-
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm"}
-)
 
 
 @dataclass(frozen=True)
@@ -51,6 +48,8 @@ class AlignSettings:
     image_format: str = "jpg"
     jpeg_quality: int = 95
     dataset: str = ""
+    # Images whose header declares more pixels are rejected before decoding (a pixel bomb).
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def fingerprint(self) -> dict:
         return asdict(self)
@@ -94,21 +93,40 @@ def plan_digest(plan: dict) -> str:
 
 
 def list_identity_files(root: str | os.PathLike, identity: str) -> list[str]:
-    """Sorted paths (relative to `root`, `/`-separated) of every regular file under `root/identity`.
+    """Sorted paths (relative to `root`, `/`-separated) of every entry under `root/identity` that is not
+    a real folder: files, but also links (to anything: links are never followed), FIFOs, sockets, so
+    that each lands in the shards or in the rejects with a reason, never nowhere.
 
-    `identity == ""` lists the files directly in `root` (they have no identity folder).
+    `identity == ""` lists those directly in `root` (they have no identity folder).
     """
     base = os.path.join(root, identity) if identity else os.fspath(root)
     if not identity:
-        return sorted(e.name for e in os.scandir(base) if e.is_file())
+        return sorted(e.name for e in os.scandir(base) if not e.is_dir(follow_symlinks=False))
     found = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames.sort()
+    # followlinks=False: linked folders are not entered; a folder that cannot be listed is an error,
+    # not a silent gap (os.walk skips it by default)
+    for dirpath, dirnames, filenames in os.walk(base, onerror=_unlistable):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        for name in filenames:
-            if os.path.isfile(os.path.join(dirpath, name)):
-                found.append(f"{rel_dir}/{name}")
+        linked = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = sorted(set(dirnames) - set(linked))
+        found += [f"{rel_dir}/{name}" for name in filenames + linked]
     return sorted(found)
+
+
+def _unlistable(err: OSError) -> None:
+    raise DataError(f"cannot list folder: {err.strerror}", path=err.filename)
+
+
+def looks_like_image(path: str | os.PathLike) -> bool:
+    """Whether `path` is a regular file (not a link) whose first bytes are a known image's: by content,
+    never by name."""
+    try:
+        if not os.path.isfile(path) or os.path.islink(path):
+            return False
+        with open(path, "rb") as handle:
+            return image_format(handle.read(HEADER_BYTES)) is not None
+    except OSError:
+        return False
 
 
 def find_input_shards(src: str | os.PathLike) -> list[Path]:
@@ -173,7 +191,7 @@ def _plan_folders(src: Path, chunk_size: int) -> dict:
                 spans, filled, chunk_start = [], 0, key
 
     for entry in entries:
-        if not entry.is_dir():
+        if not entry.is_dir(follow_symlinks=False):  # a linked folder is a reject, not an identity
             continue
         if entry.name.startswith("."):
             hidden += 1  # .git, .ipynb_checkpoints ...: not identities
@@ -185,7 +203,7 @@ def _plan_folders(src: Path, chunk_size: int) -> dict:
         label = len(identities)
         identities.append([entry.name, count])
         add(entry.name, label, count)
-    loose = sum(1 for e in entries if e.is_file())
+    loose = sum(1 for e in entries if not e.is_dir(follow_symlinks=False))
     if loose:
         add("", -1, loose)
     if spans:
@@ -237,7 +255,7 @@ def missing_landmarks(plan: dict, by_identity: dict) -> tuple[int, str | None]:
     for name, _count in plan["identities"]:
         known = by_identity.get(name, {})
         for rel in list_identity_files(plan["source"], name):
-            if os.path.splitext(rel)[1].lower() in IMAGE_EXTENSIONS and rel not in known:
+            if rel not in known and looks_like_image(os.path.join(plan["source"], rel)):
                 missing += 1
                 example = example or rel
     return missing, example

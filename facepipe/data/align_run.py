@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from facepipe.cluster import ray_session
 from facepipe.data.align_geometry import get_template
 from facepipe.data.align_merge import merge_chunks
 from facepipe.data.align_plan import (
@@ -28,6 +29,7 @@ from facepipe.data.align_plan import (
 )
 from facepipe.data.align_worker import align_chunk, chunk_paths
 from facepipe.errors import FacepipeError
+from facepipe.fsutil import escape_name
 
 __all__ = ["run_align", "run_tasks"]
 
@@ -58,8 +60,6 @@ def run_tasks(
     cluster at `ray_address` ("auto", "host:port", "ray://..."), where `workers` bounds the tasks in flight.
     """
     if executor == "ray":
-        from facepipe.train.ray_job import ray_session
-
         with ray_session(ray_address, num_cpus=max(1, workers)):
             yield from _run_tasks_ray(tasks, workers)
         return
@@ -68,19 +68,29 @@ def run_tasks(
             yield align_chunk(task)
         return
     import concurrent.futures as cf
-    import multiprocessing as mp
+    from concurrent.futures.process import BrokenProcessPool
 
-    # spawn: fork after OpenCV/pyarrow have started threads can deadlock the child.
-    with cf.ProcessPoolExecutor(
-        workers, mp_context=mp.get_context("spawn"), initializer=_init_worker
-    ) as pool:
+    from facepipe.data.worker_pool import WatchedPool
+
+    # workers die with this process (even SIGKILLed); a dead worker is named by its chunk
+    with WatchedPool(workers, initializer=_init_worker) as pool:
         pending = iter(tasks)
-        running = {pool.submit(align_chunk, t) for t in _take(pending, 2 * workers)}
-        while running:
-            done, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
-            running |= {pool.submit(align_chunk, t) for t in _take(pending, len(done))}
+        running = {pool.submit(align_chunk, t.index, t): t for t in _take(pending, 2 * workers)}
+        try:
+            while running:
+                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    result = future.result()  # before it leaves `running`: a broken pool names its chunk
+                    running.pop(future)
+                    yield result
+                running |= {pool.submit(align_chunk, t.index, t): t for t in _take(pending, len(done))}
+        except BrokenProcessPool:
+            dead = pool.dead_labels({t.index for t in running.values()})
+            raise FacepipeError(
+                "an align worker process died (killed, or out of memory) while aligning chunk(s) "
+                f"{', '.join(map(str, dead)) or '?'} (their inputs: {tasks[0].work_dir}/plan.json); the "
+                "finished chunks are kept: run the same command again to resume"
+            ) from None
 
 
 def _run_tasks_ray(tasks: Sequence[ChunkTask], workers: int) -> Iterator[dict]:
@@ -103,7 +113,8 @@ def _check_settings(src: str | os.PathLike, out: Path, settings: AlignSettings) 
     if settings.image_format not in ("jpg", "jpeg", "png"):
         raise FacepipeError(f"image format must be jpg or png, not {settings.image_format!r}")
     if not settings.dataset:
-        settings = AlignSettings(**{**settings.fingerprint(), "dataset": Path(src).resolve().name})
+        name = escape_name(Path(src).resolve().name)  # Arrow strings must be valid UTF-8
+        settings = AlignSettings(**{**settings.fingerprint(), "dataset": name})
     if settings.detector_model and not Path(settings.detector_model).is_file():
         raise FacepipeError(f"detector model not found: {settings.detector_model}")
     if Path(src).is_dir() and out.resolve().is_relative_to(Path(src).resolve()):

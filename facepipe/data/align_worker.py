@@ -8,22 +8,28 @@ running a chunk again rewrites the same files, so an interrupted job resumes wit
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
 from facepipe.data.align_codec import decode_for_alignment, encode_image
 from facepipe.data.align_geometry import align_face, get_template
-from facepipe.data.align_plan import IMAGE_EXTENSIONS, ChunkTask, list_identity_files
+from facepipe.data.align_plan import ChunkTask, list_identity_files
+from facepipe.data.image_header import image_format, size_problem
 from facepipe.errors import DataError, FacepipeError
 
 __all__ = ["REJECT_REASONS", "rejects_schema", "chunk_paths", "ChunkAligner", "align_chunk"]
 
 # Reasons an input image lands in OUT/rejects.parquet.
 REJECT_REASONS = {
-    "not_an_image": "the file name has no image extension",
-    "decode_failed": "OpenCV could not decode the bytes",
+    "not_an_image": "the content is no known image format (decided by its bytes, never by its name)",
+    "decode_failed": "OpenCV could not decode the bytes, or the header gives no size",
+    "too_large": "the header declares more pixels than max_pixels: refused before decoding",
+    "symlink": "a link (dangling, looping, leaving SRC or pointing back into it): links are not followed",
+    "not_a_file": "a FIFO, socket or device, not a regular file",
     "no_face": "the detector found no face",
     "low_score": "the chosen face scored below min_score",
     "bad_landmarks": "the landmarks give no usable transform (degenerate or non-finite)",
@@ -105,6 +111,14 @@ class ChunkAligner:
             self.reject(key, label, source_path, "align_failed", f"{type(err).__name__}: {err}"[:500])
 
     def _process(self, key: int, label: int, source_path: str, data: bytes, landmarks) -> None:
+        # type by content and size from the header, before any pixel is decoded
+        problem = size_problem(data, self.settings.max_pixels)
+        if problem is not None:
+            code, detail = problem
+            # a shard row claims to be an image: bytes of no known format failed to decode
+            reason = "too_large" if code == "too_large" else "decode_failed"
+            self.reject(key, label, source_path, reason, detail)
+            return
         image, scale = decode_for_alignment(data, self.settings.max_side)
         if image is None:
             self.reject(key, label, source_path, "decode_failed", f"{len(data)} bytes")
@@ -206,19 +220,42 @@ def _printable(rel: str) -> str:
 
 def _process_file(aligner: ChunkAligner, key: int, label: int, path: str, landmarks: dict) -> None:
     rel = _printable(path)
-    if label < 0:
-        aligner.reject(key, label, rel, "no_identity_folder")
-        return
-    if os.path.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
-        aligner.reject(key, label, rel, "not_an_image")
-        return
+    full = os.path.join(aligner.task.source, path)
     try:
-        with open(os.path.join(aligner.task.source, path), "rb") as handle:
-            data = handle.read()
+        problem = _not_a_plain_file(aligner.task.source, full)
+        if problem is None and label >= 0:
+            with open(full, "rb") as handle:  # O_RDONLY on a regular file: cannot block
+                data = handle.read()
     except OSError as err:
         aligner.reject(key, label, rel, "read_failed", err.strerror or str(err))
         return
-    aligner.process(key, label, rel, data, landmarks.get(path))
+    if problem is not None:
+        aligner.reject(key, label, rel, *problem)
+    elif label < 0:
+        aligner.reject(key, label, rel, "no_identity_folder")
+    elif image_format(data) is None:  # any file may lie in a folder: by content, not by name
+        aligner.reject(key, label, rel, "not_an_image", f"{len(data)} bytes of no known image format")
+    else:
+        aligner.process(key, label, rel, data, landmarks.get(path))
+
+
+def _not_a_plain_file(source: str, full: str) -> tuple[str, str] | None:
+    """(reason, detail) for an entry that is not a regular file; links are described, never followed."""
+    mode = os.lstat(full).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    if not stat.S_ISLNK(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        return "not_a_file", f"{kind}, not a regular file"
+    target = _printable(os.readlink(full))
+    try:
+        os.stat(full)
+    except OSError as err:
+        what = {errno.ELOOP: "loops", errno.ENOENT: "dangles"}.get(err.errno, err.strerror)
+        return "symlink", f"link to {target} {what}"
+    inside = Path(os.path.realpath(full)).is_relative_to(os.path.realpath(source))
+    where = "points back into SRC (its target would be imported twice)" if inside else "leaves SRC"
+    return "symlink", f"link to {target} {where}; links are not followed"
 
 
 def _process_shard_rows(aligner: ChunkAligner, task: ChunkTask, landmarks: dict) -> None:

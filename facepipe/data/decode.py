@@ -22,6 +22,7 @@ from facepipe.data.decode_plan import build_plan, dataset_ids, plan_ranges
 from facepipe.data.decode_resume import DONE_DIR, SourceHasher, remove_outside_plan
 from facepipe.data.decode_runner import Runner, run_tasks
 from facepipe.data.decode_worker import convert_range
+from facepipe.data.image_header import DEFAULT_MAX_PIXELS
 from facepipe.data.insightface import TrainingSet
 from facepipe.errors import DataError
 from facepipe.fsutil import clean_stale_temps
@@ -41,6 +42,7 @@ def decode_dataset(
     row_group_bytes: int | None = None,
     runner: Runner | None = None,
     source_hash: str = DEFAULT_SOURCE_HASH,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict:
     """Convert InsightFace dataset folders into Parquet shards, pair tables and a manifest.
 
@@ -52,8 +54,9 @@ def decode_dataset(
 
     Several sources become one training set with disjoint label ranges (source i's labels are offset
     by the class counts of sources 0..i-1). Each source file's size and `source_hash` digest (xxh3_128
-    or sha256) go into the manifest; shards always get sha256. Returns the manifest (also written to
-    OUT/manifest.json).
+    or sha256) go into the manifest; shards always get sha256. With `validate`, an image whose header
+    declares more than `max_pixels` is refused before it is decoded. Returns the manifest (also written
+    to OUT/manifest.json).
     """
     from facepipe.data.shards import DEFAULT_ROW_GROUP_BYTES, write_manifest
 
@@ -74,10 +77,10 @@ def decode_dataset(
         directory.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(directory)
 
-    plan = build_plan(srcs, ids, out, target_bytes, row_group_bytes, validate, skip_bad)
+    plan = build_plan(srcs, ids, out, target_bytes, row_group_bytes, validate, skip_bad, max_pixels)
     image_size = _common_image_size(plan.sets)
     remove_outside_plan(out, len(plan.tasks))
-    pairs, pair_rejects, pair_inputs = write_pairs(plan.sets, ids, out, validate, skip_bad)
+    pairs, pair_rejects, pair_inputs = write_pairs(plan.sets, ids, out, validate, skip_bad, max_pixels)
 
     # The source hashes overlap the conversion: a thread reading and hashing releases the GIL. A source
     # converted as one range is hashed by that range instead, as it reads the file.
@@ -98,7 +101,7 @@ def decode_dataset(
     }
     hashes = hasher.wait(delivered)
 
-    rejects = [r for result in results for r in result["rejects"]] + pair_rejects
+    rejects = [r for result in results for r in result["rejects"]] + plan.rejects + pair_rejects
     rejects_written = write_rejects(out, rejects, keep_file=skip_bad)
     manifest = build_manifest(
         results=results,
@@ -146,12 +149,15 @@ def _common_image_size(sets: list[TrainingSet]) -> tuple[int, int] | None:
 
 
 def _probe_image_size(ts: TrainingSet) -> tuple[int, int] | None:
+    """The size of the first of the first few images that reads and decodes (damaged ones are the
+    conversion's to report)."""
     from facepipe.data.decode_parse import decode_or_none
+    from facepipe.data.insightface import PROBE_RECORDS, readable_records
     from facepipe.data.recordio import IndexedRecordFile
 
-    if ts.num_images == 0:
-        return None
     with IndexedRecordFile(ts.rec_path, ts.idx_path) as rec:
-        _, payload = rec.read_header(int(ts.image_keys[0]))
-    pixels = decode_or_none(payload) if payload else None
-    return None if pixels is None else (int(pixels.shape[0]), int(pixels.shape[1]))
+        for _, payload in readable_records(rec, ts.image_keys[:PROBE_RECORDS]):
+            pixels = decode_or_none(payload)
+            if pixels is not None:
+                return int(pixels.shape[0]), int(pixels.shape[1])
+    return None

@@ -8,15 +8,18 @@ import numpy as np
 
 from facepipe.data.decode_parse import decode_or_none
 from facepipe.data.decode_sidecars import load_pair_degradation, pair_sidecar_path
+from facepipe.data.image_header import DEFAULT_MAX_PIXELS
 from facepipe.data.insightface import TrainingSet
 from facepipe.errors import DataError
+from facepipe.fsutil import escape_name
 
 __all__ = ["write_pairs"]
 
 
 def write_pairs(
-    sets: list[TrainingSet], dataset_ids: list[str], out: Path, validate: bool, skip_bad: bool
-) -> tuple[dict[str, dict], list[dict], list[Path]]:
+    sets: list[TrainingSet], dataset_ids: list[str], out: Path, validate: bool, skip_bad: bool,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[dict[str, dict], list[dict], list[Path]]:  # fmt: skip
     """Write every source's pair tables (and drop those of sources no longer given).
 
     Returns the manifest entries by table name, the rejects, and the input files read (for hashing).
@@ -40,12 +43,13 @@ def write_pairs(
         folds = pair_folds(len(issame))
         extra = load_pair_degradation(path, len(issame))
         if validate:
-            bad = [i for i, data in enumerate(images) if decode_or_none(data) is None]
+            bad = [i for i, data in enumerate(images) if decode_or_none(data, max_pixels) is None]
             if bad and not skip_bad:
                 raise DataError(f"undecodable image in pair {bad[0] // 2}", str(path), bad[0])
             drop = {i // 2 for i in bad}
             for i in bad:
-                rejects.append({"source": f"{dataset}/{path.name}", "key": i, "reason": "undecodable image"})
+                source = f"{dataset}/{escape_name(path.name)}"
+                rejects.append({"source": source, "key": i, "reason": "undecodable image"})
             if drop:  # keep the original folds of the pairs that remain
                 kept = np.array([p not in drop for p in range(len(issame))])
                 images = [im for i, im in enumerate(images) if i // 2 not in drop]
@@ -54,7 +58,7 @@ def write_pairs(
                 extra = {k: v[kept] for k, v in extra.items()}
         entry = write_pair_table(out / "pairs" / f"{name}.parquet", images, issame, folds=folds, extra=extra)
         entry["path"] = f"pairs/{name}.parquet"
-        entry["source"] = str(path)
+        entry["source"] = escape_name(str(path))  # strict UTF-8 JSON whatever the folder's bytes
         entry["dataset"] = dataset
         entries[name] = entry
         if extra:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from facepipe.data.image_header import DEFAULT_MAX_PIXELS, size_problem
 from facepipe.data.recordio import IR_SIZE, MAGIC, read_record_at, unpack
 from facepipe.errors import DataError
 
@@ -31,6 +32,8 @@ class ParsedChunk:
     stops: np.ndarray
     slow: dict[int, bytes] = field(default_factory=dict)  # multi-frame records, already reassembled
     reasons: dict[int, str] = field(default_factory=dict)  # record index → why it is bad
+    # record index → where (in the region) bytes no index entry covers start after it, up to `avail`
+    gaps: dict[int, int] = field(default_factory=dict)
 
     def payload(self, i: int, region: memoryview):
         if i in self.slow:
@@ -65,12 +68,18 @@ def parse_chunk(
     label_word = np.where(flag > 0, safe + 8, safe + 3)
     labels = words[np.where(simple, label_word, 0)].view("<f4").astype(np.float64)
     parsed = ParsedChunk(labels, rel + _FRAME_HEADER + IR_SIZE + 4 * flag, frame_end)
+    # A record must end (frames are padded to 4 bytes) where the next indexed one starts: anything
+    # between them is records the index does not list.
+    padded_end = rel + _FRAME_HEADER + ((length + 3) & ~3)
+    parsed.gaps = {i: int(padded_end[i]) for i in np.flatnonzero(simple & (padded_end < avail)).tolist()}
 
     for i in np.flatnonzero(~simple).tolist():
         try:
             if not in_file[i]:
                 raise DataError(f"index entry at offset {int(offsets[i])} is past the end of the file")
-            record, _ = read_record_at(region, int(rel[i]), rec_path, int(keys[i]), int(avail[i]))
+            record, end = read_record_at(region, int(rel[i]), rec_path, int(keys[i]), int(avail[i]), base)
+            if end < avail[i]:
+                parsed.gaps[i] = end
             header, payload = unpack(record)
             labels[i] = float(header.label) if header.flag == 0 else float(header.label[0])
             parsed.slow[i] = payload
@@ -110,21 +119,31 @@ def check_labels(task: dict, keys: np.ndarray, labels: np.ndarray, reasons: dict
             reasons[i] = f"label {labels[i]:g} disagrees with the identity ranges (class {int(expected[i])})"
 
 
-def decode_or_none(data) -> np.ndarray | None:
-    """BGR pixels of an encoded image, or None when it is empty or does not decode."""
+def decode_or_none(data, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+    """BGR pixels of an encoded image, or None when it is empty, of no known format, declares more than
+    `max_pixels` in its header (checked before decoding), or does not decode."""
     import cv2
 
-    if not len(data):
+    if not len(data) or size_problem(data, max_pixels) is not None:
         return None
     return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
 
 
-def validate_images(payload_of, n: int, size: tuple[int, int] | None, reasons: dict[int, str]) -> None:
-    """Decode every not-yet-rejected image: it must decode, at the `property` size when there is one."""
+def validate_images(
+    payload_of, n: int, size: tuple[int, int] | None, reasons: dict[int, str],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> None:  # fmt: skip
+    """Decode every not-yet-rejected image: it must decode, at the `property` size when there is one.
+    An image whose header declares more than `max_pixels` is refused without being decoded."""
     for i in range(n):
         if i in reasons:
             continue
-        pixels = decode_or_none(payload_of(i))
+        data = payload_of(i)
+        problem = size_problem(data, max_pixels) if len(data) else None
+        if problem is not None and problem[0] == "too_large":
+            reasons[i] = f"image refused before decoding: {problem[1]}"
+            continue
+        pixels = decode_or_none(data, max_pixels)
         if pixels is None:
             reasons[i] = "undecodable image"
         elif size is not None and pixels.shape[:2] != tuple(size):

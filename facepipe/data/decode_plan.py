@@ -16,11 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from facepipe.data.decode_coverage import check_outside_images
 from facepipe.data.decode_resume import DONE_DIR
 from facepipe.data.decode_sidecars import load_key_degradation, lookup_degradation
+from facepipe.data.image_header import DEFAULT_MAX_PIXELS
 from facepipe.data.insightface import TrainingSet, open_training_set
-from facepipe.data.recordio import is_increasing, sorted_unique
+from facepipe.data.recordio import is_increasing
+from facepipe.data.recordio_index import record_ends
 from facepipe.errors import DataError
+from facepipe.fsutil import escape_name
 
 __all__ = ["PLAN_VERSION", "Plan", "build_plan", "dataset_ids", "plan_ranges", "record_ends"]
 
@@ -36,14 +40,7 @@ class Plan:
         self.tasks: list[dict] = []
         self.sources: list[dict] = []
         self.sets: list[TrainingSet] = []
-
-
-def record_ends(idx_offsets: np.ndarray, file_size: int, offsets: np.ndarray) -> np.ndarray:
-    """For each offset, where the next indexed record starts (or the file end): its largest extent."""
-    physical = sorted_unique(idx_offsets)
-    nxt = np.searchsorted(physical, offsets, side="right")
-    ends = np.where(nxt < len(physical), physical[np.minimum(nxt, len(physical) - 1)], file_size)
-    return np.maximum(ends, offsets)
+        self.rejects: list[dict] = []  # records outside every range: not in the index (--skip-bad)
 
 
 def plan_ranges(offsets: np.ndarray, ends: np.ndarray, target_bytes: int) -> list[tuple[int, int]]:
@@ -77,7 +74,8 @@ def dataset_ids(sources: Sequence[Path]) -> list[str]:
     """One unique short name per source (folder or file stem; `-2`, `-3`... on clashes)."""
     ids: list[str] = []
     for src in sources:
-        base = src.stem if src.is_file() else src.name
+        # strict UTF-8 (Arrow strings, JSON) whatever the folder name's bytes; lossless (fsutil.escape_name)
+        base = escape_name(src.stem if src.is_file() else src.name)
         name, n = base, 2
         while name in ids:
             name, n = f"{base}-{n}", n + 1
@@ -115,14 +113,15 @@ def _identity_window(ts: TrainingSet, keys: np.ndarray) -> dict:
 
 def build_plan(
     sources: list[Path], ids: list[str], out: Path, target_bytes: int, row_group_bytes: int,
-    validate: bool, skip_bad: bool,
+    validate: bool, skip_bad: bool, max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Plan:  # fmt: skip
     """Open every source and cut it into tasks; source i's labels are offset by the classes before it."""
     plan = Plan()
     label_offset = 0
     for n, (src, dataset) in enumerate(zip(sources, ids, strict=True)):
-        ts = open_training_set(src)
+        ts = open_training_set(src, skip_bad)
         plan.sets.append(ts)
+        plan.rejects += check_outside_images(ts, skip_bad, dataset)
         if ts.num_classes is None and n < len(sources) - 1:
             raise DataError(
                 "the number of classes is unknown (no property file, no identity records), so the labels "
@@ -150,6 +149,7 @@ def build_plan(
                 "image_size": ts.image_size,
                 "row_group_bytes": int(row_group_bytes),
                 "validate": bool(validate),
+                "max_pixels": int(max_pixels) if validate else None,
                 "skip_bad": bool(skip_bad),
                 "rec_size": rec_stat.st_size,
                 "rec_mtime_ns": rec_stat.st_mtime_ns,  # a changed source is converted again
@@ -162,7 +162,7 @@ def build_plan(
         plan.sources.append(
             {
                 "dataset": dataset,
-                "path": str(src),
+                "path": escape_name(str(src)),
                 "layout": ts.layout,
                 "label_convention": ts.label_convention,
                 "label_offset": label_offset,

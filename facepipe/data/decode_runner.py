@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 
 from facepipe.data.decode_worker import convert_range
 from facepipe.errors import DataError
@@ -32,23 +32,42 @@ def run_tasks(tasks: list[dict], workers: int, runner: Runner | None = None) -> 
 
 
 def _process_pool(tasks: list[dict], workers: int) -> Iterator[dict]:
-    import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
 
-    # spawn: the parent has a hashing thread, and fork with threads is unsafe.
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    from facepipe.data.worker_pool import WatchedPool
+
+    with WatchedPool(workers) as pool:
         pending = list(reversed(tasks))
-        running: set = set()
+        running: dict = {}
         try:
             # Keep at most 2 tasks per worker queued, so memory doesn't grow with the task count.
             while pending or running:
                 while pending and len(running) < 2 * workers:
-                    running.add(pool.submit(convert_range, pending.pop()))
+                    task = pending.pop()
+                    running[pool.submit(convert_range, task["index"], task)] = task
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    running.discard(future)
-                    yield future.result()
+                    result = future.result()  # before it leaves `running`: a broken pool names its range
+                    running.pop(future)
+                    yield result
+        except BrokenProcessPool:
+            by_index = {t["index"]: t for t in running.values()}
+            dead = [describe_range(by_index[i]) for i in pool.dead_labels(set(by_index))]
+            raise DataError(
+                f"a decode worker process died (killed, or out of memory) while converting "
+                f"{'; '.join(dead) or 'a range'}; the finished ranges are kept: run the same command "
+                "again to resume"
+            ) from None
         except BaseException:
             for future in running:
                 future.cancel()
             raise
+
+
+def describe_range(task: dict) -> str:
+    """A range as a user finds it again: its number, file, keys and bytes."""
+    keys, offsets = task["keys"], task["offsets"]
+    return (
+        f"range {task['index']} ({task['rec_path']}, keys {int(keys.min())}..{int(keys.max())}, "
+        f"bytes {int(offsets.min())}..{int(task['ends'].max())})"
+    )

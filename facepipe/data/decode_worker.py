@@ -21,10 +21,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from facepipe.data.decode_coverage import first_problem, gap_rejects
 from facepipe.data.decode_hashing import new_hash, update_from_mapping
 from facepipe.data.decode_parse import ParsedChunk, check_labels, parse_chunk, validate_images
 from facepipe.data.decode_resume import finished_marker, marker_path, shard_path, write_small_json
-from facepipe.errors import DataError
 
 __all__ = ["convert_range"]
 
@@ -48,6 +48,7 @@ def convert_range(task: dict) -> dict:
         return {**done, "skipped": True}
 
     rejects: list[dict] = []
+    unindexed: list[Exception] = []
     stats = {"rows": 0, "label_min": None, "label_max": None, "image_bytes": 0}
     out = shard_path(task)
     with (
@@ -59,12 +60,14 @@ def convert_range(task: dict) -> dict:
     ):
         behind.begin()
         for lo, hi in _chunks(task["offsets"], task["ends"], task["row_group_bytes"]):
-            table, mapping = _convert_chunk(task, source, lo, hi, rejects, stats)
+            table, mapping = _convert_chunk(task, source, lo, hi, rejects, stats, unindexed)
             if table is None:
                 source.release(mapping)
             else:  # the table points into the mapping: it is dropped once the table is written
                 behind.submit(table, then=functools.partial(source.release, mapping))
             table = None
+        if unindexed:
+            raise unindexed[0]
         behind.wait()
         source_digest = source.source_digest()
         # an all-rejected range still leaves a (valid, empty) shard, so resume sees it as done
@@ -237,10 +240,13 @@ class _MappedSource:
                 self.mm.close()
 
 
-def _convert_chunk(task: dict, source: _MappedSource, lo: int, hi: int, rejects: list[dict], stats: dict):
+def _convert_chunk(
+    task: dict, source: _MappedSource, lo: int, hi: int, rejects: list[dict], stats: dict, unindexed: list
+):
     """Records lo..hi of the range (one contiguous stretch of the file) → a table of the training schema
     whose images point into the mapped stretch (or None when every record was rejected), and that
-    mapping, to release once the table is written."""
+    mapping, to release once the table is written. Bad records stop the run here (without --skip-bad);
+    bytes the index leaves out are put in `unindexed`, to stop it once the range's records are checked."""
     keys = task["keys"][lo:hi]
     offsets = task["offsets"][lo:hi]
     ends = np.minimum(task["ends"][lo:hi], source.size)
@@ -252,14 +258,20 @@ def _convert_chunk(task: dict, source: _MappedSource, lo: int, hi: int, rejects:
     reasons = parsed.reasons
     check_labels(task, keys, parsed.labels, reasons)
     if task["validate"]:
-        validate_images(lambda i: parsed.payload(i, region), len(keys), task["image_size"], reasons)
+        validate_images(
+            lambda i: parsed.payload(i, region), len(keys), task["image_size"], reasons, task["max_pixels"]
+        )
 
-    if reasons:
-        first = min(reasons, key=lambda i: int(offsets[i]))
-        if not task["skip_bad"]:
-            raise DataError(reasons[first], task["rec_path"], int(keys[first]))
-        for i in sorted(reasons):
-            rejects.append({"source": task["dataset"], "key": int(keys[i]), "reason": reasons[i]})
+    if not task["skip_bad"]:
+        problem = first_problem(reasons, parsed.gaps, keys, offsets, task["rec_path"], base)
+        if reasons:
+            raise problem
+        if problem is not None:  # unindexed bytes: named after the range's bad records, if any
+            unindexed.append(problem)
+    for i in sorted(reasons):
+        rejects.append({"source": task["dataset"], "key": int(keys[i]), "reason": reasons[i]})
+    if parsed.gaps:
+        rejects += gap_rejects(parsed.gaps, region, avail, task["rec_path"], base, task["dataset"])
     keep = np.ones(len(keys), dtype=bool)
     keep[list(reasons)] = False
     rows = np.flatnonzero(keep)

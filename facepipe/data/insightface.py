@@ -14,7 +14,7 @@ identities), so everything is looked up through the index.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,12 +25,18 @@ from facepipe.errors import DataError
 from facepipe.fsutil import atomic_path, write_bytes_atomic
 
 __all__ = [
+    "PROBE_RECORDS",
     "TrainingSet",
+    "readable_records",
     "find_training_files",
     "open_training_set",
     "read_property",
     "write_training_set",
 ]
+
+
+# Records tried, in key order, to learn the label convention or the image size: the first that reads wins.
+PROBE_RECORDS = 64
 
 
 @dataclass
@@ -47,7 +53,7 @@ class TrainingSet:
     image_keys: np.ndarray  # int64
     identity_starts: np.ndarray | None  # int64, class c's first image key
     identity_ends: np.ndarray | None  # int64, class c's end key (exclusive)
-    label_convention: str  # "scalar" (RecBuilder), "array" (face2rec2) or "none"
+    label_convention: str  # "scalar" (RecBuilder), "array" (face2rec2), "none" or "unknown" (all damaged)
     idx_keys: np.ndarray | None = field(default=None, repr=False)  # the whole index, file order
     idx_offsets: np.ndarray | None = field(default=None, repr=False)
 
@@ -92,19 +98,27 @@ def find_training_files(src: str | os.PathLike) -> tuple[Path, Path, Path | None
     return rec, idx, prop
 
 
-def open_training_set(src: str | os.PathLike) -> TrainingSet:
-    """Read the header and identity records of a training set and check that they are consistent."""
+def open_training_set(src: str | os.PathLike, skip_bad: bool = False) -> TrainingSet:
+    """Read the header and identity records of a training set and check that they are consistent.
+
+    With `skip_bad`, an unreadable record 0 (header or first image: it cannot be told) makes the set
+    flat, so every record is converted or rejected on its own instead of stopping the run.
+    """
     rec_path, idx_path, prop_path = find_training_files(src)
     num_classes = image_size = None
     if prop_path is not None:
         num_classes, height, width = read_property(prop_path)
         image_size = (height, width)
     with IndexedRecordFile(rec_path, idx_path) as rec:
-        header = _read_header(rec)
+        try:
+            header = _read_header(rec)
+        except DataError:
+            if not skip_bad:
+                raise
+            header = None
         if header is None:
             keys = rec.key_array
-            first = rec.read_header(int(keys[0]))[0] if len(keys) else None
-            convention = "none" if first is None else ("scalar" if first.flag == 0 else "array")
+            convention = _label_convention(rec, keys[:PROBE_RECORDS])
             return TrainingSet(
                 rec_path, idx_path, prop_path, num_classes, image_size, "flat", None, keys.copy(),
                 None, None, convention, rec.key_array, rec.offset_array,
@@ -120,9 +134,8 @@ def open_training_set(src: str | os.PathLike) -> TrainingSet:
                 int(missing[0]),
             )
         starts, ends = _read_identities(rec, a, b)
-        first = rec.read_header(1)[0] if a > 1 else None
+        convention = _label_convention(rec, range(1, min(a, 1 + PROBE_RECORDS)))
         idx_keys, idx_offsets = rec.key_array, rec.offset_array
-    convention = "none" if first is None else ("scalar" if first.flag == 0 else "array")
     if starts is not None:
         if num_classes is not None and num_classes != len(starts):
             raise DataError(
@@ -134,6 +147,25 @@ def open_training_set(src: str | os.PathLike) -> TrainingSet:
         rec_path, idx_path, prop_path, num_classes, image_size, "header", header, image_keys,
         starts, ends, convention, idx_keys, idx_offsets,
     )  # fmt: skip
+
+
+def readable_records(rec: IndexedRecordFile, keys: Iterable[int]) -> Iterator[tuple[IRHeader, bytes]]:
+    """(header, payload) of those of `keys` whose records read; damaged ones are passed over (the
+    conversion reports each of them, with its offset, or rejects it with --skip-bad)."""
+    for key in keys:
+        try:
+            yield rec.read_header(int(key))
+        except DataError:
+            continue
+
+
+def _label_convention(rec: IndexedRecordFile, keys: Iterable[int]) -> str:
+    """"scalar" or "array" from the first image record that reads; "none" without images, "unknown"
+    when none of the first PROBE_RECORDS reads (so one damaged record 1 does not stop the run)."""
+    keys = list(keys)
+    for header, _ in readable_records(rec, keys):
+        return "scalar" if header.flag == 0 else "array"
+    return "unknown" if keys else "none"
 
 
 def _read_header(rec: IndexedRecordFile) -> tuple[int, int] | None:

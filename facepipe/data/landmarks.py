@@ -56,20 +56,21 @@ def parse_landmark_line(line: str, path: str | os.PathLike = "<string>", lineno:
 
 
 def iter_landmark_file(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream `(key, points)` pairs from a landmark file without loading it whole."""
+    """Stream `(key, points)` pairs from a landmark file without loading it whole.
+
+    Bytes that are not UTF-8 are read as Python reads file names (surrogate escapes), so a line names
+    an image whose file name is not UTF-8 by the same bytes, and matches it.
+    """
     path = Path(path)
     try:
-        handle = path.open("r", encoding="utf-8", errors="strict")
+        handle = path.open("r", encoding="utf-8", errors="surrogateescape")
     except OSError as err:
         raise DataError(f"cannot open landmark file: {err.strerror}", path=os.fspath(path)) from err
     with handle:
-        try:
-            for lineno, line in enumerate(handle, start=1):
-                parsed = parse_landmark_line(line, path, lineno)
-                if parsed is not None:
-                    yield parsed
-        except UnicodeDecodeError as err:
-            raise DataError(f"landmark file is not UTF-8 text: {err}", path=os.fspath(path)) from err
+        for lineno, line in enumerate(handle, start=1):
+            parsed = parse_landmark_line(line, path, lineno)
+            if parsed is not None:
+                yield parsed
 
 
 def load_landmarks(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -18,13 +18,12 @@ import contextlib
 import mmap
 import os
 import struct
-import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from facepipe.data.recordio_index import _parse_index_text, is_increasing, read_index, sorted_unique  # noqa: F401
 from facepipe.errors import DataError
 
 __all__ = [
@@ -108,35 +107,42 @@ def _padded(length: int) -> int:
     return (length + 3) & ~3
 
 
-def read_record_at(buf, offset: int, path: str | os.PathLike, key: object = None, end: int | None = None):
+def read_record_at(
+    buf, offset: int, path: str | os.PathLike, key: object = None, end: int | None = None, base: int = 0
+):
     """Read the logical record whose first frame starts at `offset` of `buf` (bytes/mmap/memoryview).
 
     Returns (record bytes, offset just past its last frame). Frames must lie within `end`
-    (default: the buffer's length). Errors name the file and the key (or the offset).
+    (default: the buffer's length). Errors name the file and the key (or the offset). `buf` may hold
+    the file from byte `base` on (a chunk): offsets in errors are always the file's, `offset + base`.
     """
     limit = len(buf) if end is None else end
-    where = key if key is not None else f"at offset {offset}"
+    where = key if key is not None else f"at offset {offset + base}"
     parts: list[bytes] = []
     pos = offset
     while True:
         if pos + 8 > limit:
             if pos >= len(buf):
-                raise DataError(f"index entry at offset {pos} is past the end of the file", path, where)
-            raise DataError(f"truncated frame header at offset {pos}", path, where)
+                raise DataError(
+                    f"index entry at offset {pos + base} is past the end of the file", path, where
+                )
+            raise DataError(f"truncated frame header at offset {pos + base}", path, where)
         magic, lrec = _FRAME.unpack_from(buf, pos)
         if magic != MAGIC:
-            raise DataError(f"bad magic 0x{magic:08x} at offset {pos} (expected 0x{MAGIC:08x})", path, where)
+            raise DataError(
+                f"bad magic 0x{magic:08x} at offset {pos + base} (expected 0x{MAGIC:08x})", path, where
+            )
         cflag, length = lrec >> 29, lrec & _LENGTH_MASK
         data_end = pos + 8 + length
         if data_end > limit:
             raise DataError(
-                f"truncated record: frame at offset {pos} needs {length} bytes, only "
+                f"truncated record: frame at offset {pos + base} needs {length} bytes, only "
                 f"{max(limit - pos - 8, 0)} remain",
                 path,
                 where,
             )
         if cflag > 3 or (parts and cflag in (0, 1)) or (not parts and cflag in (2, 3)):
-            raise DataError(f"bad continuation flag {cflag} at offset {pos}", path, where)
+            raise DataError(f"bad continuation flag {cflag} at offset {pos + base}", path, where)
         chunk = buf[pos + 8 : data_end]
         pos = pos + 8 + _padded(length)
         if cflag == 0:
@@ -179,96 +185,6 @@ def read_records(path: str | os.PathLike) -> Iterator[bytes]:
             index += 1
     finally:
         mm.close()
-
-
-def read_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Parse an `.idx` file into (keys, offsets) int64 arrays in file order."""
-    path = Path(idx_path)
-    try:
-        size = path.stat().st_size
-        if size > _BIG_INDEX:
-            keys, offsets = _read_index_arrow(path)
-        else:
-            values = _parse_index_text(path.read_bytes())
-            if len(values) % 2:
-                raise DataError("index has a line without a key and an offset", str(path))
-            keys, offsets = values[0::2].copy(), values[1::2].copy()
-    except OSError as err:
-        raise DataError(f"cannot read index: {err.strerror}", str(path)) from err
-    except (ValueError, OverflowError) as err:
-        raise DataError(f"index holds a non-integer field: {err}", str(path)) from err
-    # (np.unique hashes: several times slower than a sort on int64 keys; writers list keys in order)
-    ordered = keys if is_increasing(keys) else np.sort(keys)
-    if np.any(ordered[1:] == ordered[:-1]):
-        raise DataError("index lists a key more than once", str(path))
-    if len(offsets) and (offsets.min() < 0 or np.any(offsets % 4)):
-        bad = int(keys[np.flatnonzero((offsets < 0) | (offsets % 4 != 0))[0]])
-        raise DataError("index offset is negative or not 4-byte aligned", str(path), bad)
-    return keys, offsets
-
-
-_WHITESPACE = np.zeros(256, dtype=bool)
-_WHITESPACE[list(b" \t\n\r\v\f")] = True
-_INDEX_CHARACTERS = b"0123456789- \t\n\r\v\f"
-
-
-def _parse_index_text(data: bytes) -> np.ndarray:
-    """The whitespace-separated integers of an `.idx` file, as int64.
-
-    numpy's C text parser reads a clean file ~10x faster than splitting it into Python bytes; anything
-    it could misread (other characters, a parse stopping early, a saturated out-of-range value, a count
-    that differs from the whitespace-separated fields) goes the slow way, which names the bad field.
-    """
-    if not data.translate(None, _INDEX_CHARACTERS):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            try:
-                values = np.fromstring(data, dtype=np.int64, sep=" ")
-            except (ValueError, DeprecationWarning):
-                values = None
-        if values is not None:
-            blank = _WHITESPACE[np.frombuffer(data, dtype=np.uint8)]
-            fields = int(np.count_nonzero(~blank[1:] & blank[:-1])) + int(len(blank) > 0 and not blank[0])
-            limits = np.iinfo(np.int64)
-            if len(values) == fields and not np.any((values == limits.max) | (values == limits.min)):
-                return values
-    fields = data.split()
-    return np.array(fields, dtype=np.int64) if fields else np.zeros(0, np.int64)
-
-
-def is_increasing(values: np.ndarray) -> bool:
-    """Whether `values` is strictly increasing (as index files usually are: a sort can be skipped)."""
-    return len(values) < 2 or bool(np.all(values[1:] > values[:-1]))
-
-
-def sorted_unique(values: np.ndarray) -> np.ndarray:
-    """np.unique for int arrays, by sorting (faster here than numpy's hash-based unique); `values`
-    itself when it is already strictly increasing."""
-    if is_increasing(values):
-        return values
-    ordered = np.sort(values)
-    if len(ordered) == 0:
-        return ordered
-    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
-
-
-_BIG_INDEX = 32 << 20  # above this, parse with Arrow's CSV reader (C++, no per-line Python objects)
-
-
-def _read_index_arrow(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-
-    try:
-        table = pcsv.read_csv(
-            path,
-            read_options=pcsv.ReadOptions(column_names=["key", "offset"]),
-            parse_options=pcsv.ParseOptions(delimiter="\t"),
-            convert_options=pcsv.ConvertOptions(column_types={"key": pa.int64(), "offset": pa.int64()}),
-        )
-    except pa.ArrowInvalid as err:
-        raise ValueError(str(err)) from err
-    return table["key"].to_numpy(), table["offset"].to_numpy()
 
 
 class IndexedRecordFile:

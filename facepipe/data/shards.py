@@ -393,6 +393,12 @@ def list_shards(directory: str | os.PathLike) -> list[Path]:
     return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith("."))
 
 
+def pair_tables(shards_dir: str | os.PathLike) -> dict[str, Path]:
+    """name -> pair table of a decoded dataset (OUT/pairs/<name>.parquet)."""
+    folder = Path(shards_dir) / "pairs"
+    return {p.stem: p for p in sorted(folder.glob("*.parquet")) if not p.name.startswith(".")}
+
+
 def iter_shard_batches(
     paths: Iterable[str | os.PathLike], columns: Sequence[str] | None = None, batch_rows: int = 1024
 ) -> Iterator[pa.RecordBatch]:

@@ -10,6 +10,7 @@ numpy globals those formats need and refuses every other one before anything is 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 from collections.abc import Sequence
@@ -34,12 +35,46 @@ def _numpy_core(module: str, name: str):
     raise pickle.UnpicklingError(f"{module}.{name} is not available in this numpy")
 
 
-# (module, name) pairs the four known `.bin` variants need, for numpy 1.x and 2.x spellings.
+def _element_count(shape) -> int:
+    """Elements of a declared shape, in Python ints (no overflow), checked before anything is built."""
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not all(isinstance(d, int) and d >= 0 for d in dims):
+        raise pickle.UnpicklingError(f"array shape {shape!r} is not a tuple of non-negative integers")
+    return math.prod(dims)
+
+
+def _backed_ndarray(shape, dtype=float, buffer=None, offset=0, strides=None, order=None):
+    """`numpy.ndarray(...)` as a pickle may call it: only over a buffer of the pickle's bytes (numpy checks
+    its size). Without one the array would hold whatever was in the process's memory: refused."""
+    if buffer is None and _element_count(shape):
+        raise pickle.UnpicklingError(
+            f"an array of shape {tuple(shape) if not isinstance(shape, int) else (shape,)} is declared "
+            "without its data (it would expose uninitialised memory)"
+        )
+    return np.ndarray(shape, dtype, buffer, offset, strides, order)
+
+
+def _empty_reconstruct(subtype, shape, dtype):
+    """numpy's `_reconstruct` builds an uninitialised array that the pickle's BUILD then fills from its
+    bytes (numpy checks that their size matches). numpy itself always pickles shape (0,): refuse any
+    other, which would stay uninitialised when the pickle leaves out the BUILD."""
+    if subtype not in (np.ndarray, _backed_ndarray):
+        raise pickle.UnpicklingError(f"refusing to reconstruct a {subtype!r}")
+    if _element_count(shape):
+        raise pickle.UnpicklingError(
+            f"an array of shape {tuple(shape)} is declared before its data (it would expose uninitialised "
+            "memory when the data does not follow)"
+        )
+    return _numpy_core("numpy.core.multiarray", "_reconstruct")(np.ndarray, shape, dtype)
+
+
+# (module, name) pairs the four known `.bin` variants need, for numpy 1.x and 2.x spellings. Arrays are
+# only ever built over bytes the pickle holds (see _backed_ndarray, _empty_reconstruct).
 ALLOWED_GLOBALS = {
-    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "ndarray"): lambda: _backed_ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_core("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_core("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _empty_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _empty_reconstruct,
     ("numpy.core.numeric", "_frombuffer"): lambda: _numpy_core("numpy.core.numeric", "_frombuffer"),
     ("numpy._core.numeric", "_frombuffer"): lambda: _numpy_core("numpy.core.numeric", "_frombuffer"),
 }
@@ -78,7 +113,9 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], list[bool]]:
             obj = _restricted_load(data, "bytes")
     except pickle.UnpicklingError as err:
         raise DataError(f"unsafe or invalid pickle: {err}", path) from None
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError) as err:
+    except (
+        EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError, OverflowError
+    ) as err:
         raise DataError(f"not a readable pickle: {type(err).__name__}: {err}", path) from None
     return _check_contents(obj, path)
 

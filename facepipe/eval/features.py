@@ -13,8 +13,11 @@ key              shape / dtype               meaning
 ``degradation``  (2P,) float in [0,1], opt.  how degraded each image is (synthetic sample data)
 ``issame``       (P,) bool, optional         pair labels when no pair table is given
 ``kind``         () str, optional            what ``uncertainty`` holds: ``sigma_sq`` | ``inv_kappa``
+``method``       () str, optional            the uncertainty method that produced it (``pfe``, ...)
 ===============  ==========================  ==================================================
 
+The kinds and methods are those of :mod:`facepipe.uncertainty.registry`; without ``method`` the
+uncertainty-aware score is that of the registered method storing this kind and width.
 The same columns in a Parquet file (one row per image: ``embedding`` list<float>, optional
 ``flipped`` list<float>, ``uncertainty`` float or list<float>, ``degradation`` float) are read too.
 
@@ -33,8 +36,6 @@ import numpy as np
 
 from facepipe.errors import DataError
 
-UNCERTAINTY_KINDS = ("sigma_sq", "inv_kappa")
-
 
 @dataclass
 class PairFeatures:
@@ -44,7 +45,8 @@ class PairFeatures:
     uncertainty: np.ndarray | None = None
     degradation: np.ndarray | None = None
     fold: np.ndarray | None = None
-    kind: str = "sigma_sq"
+    kind: str = "sigma_sq"  # a kind of facepipe.uncertainty.registry.KINDS
+    method: str | None = None  # the uncertainty method, when known (else inferred from kind and width)
 
     @property
     def n_pairs(self) -> int:
@@ -152,9 +154,16 @@ def load_pair_features(features: str | os.PathLike, pairs: str | os.PathLike | N
         bad = np.flatnonzero(~(np.isfinite(u).all(axis=1) & (u > 0).all(axis=1)))
         if bad.size:
             raise DataError("uncertainty must be finite and > 0", path=path, record=int(bad[0]))
-    if "kind" in data:
-        kind = str(data["kind"])
-        if kind not in UNCERTAINTY_KINDS:
-            raise DataError(f"unknown uncertainty kind {kind!r} (one of {UNCERTAINTY_KINDS})", path=path)
+    if "kind" in data or "method" in data:
+        from facepipe.uncertainty.registry import KINDS, METHODS  # lazy: torch
+
+        kind = str(data.get("kind", out.kind))
+        if kind not in KINDS:
+            raise DataError(f"unknown uncertainty kind {kind!r} (one of {sorted(KINDS)})", path=path)
         out.kind = kind
+        if "method" in data:
+            method = str(data["method"])
+            if method not in METHODS or METHODS[method].uncertainty_kind != kind:
+                raise DataError(f"method {method!r} does not store uncertainty of kind {kind!r}", path=path)
+            out.method = method
     return out

@@ -1,15 +1,17 @@
 """From a trained model to evaluation features: embeddings (+ mirror) and uncertainty of pair tables.
 
-`load_eval_model` accepts a registered model URI (`models:/facepipe-probface@champion`, `runs:/...`)
-or a local folder holding a backbone bundle (and optionally an uncertainty head, as a registered
-model's artifacts or a head-stage checkpoint do). `pair_table_features` runs it over a pair table in
-batches and returns a :class:`facepipe.eval.features.PairFeatures` in the verification layout (rows
-2i / 2i+1 = pair i's images), ready for :func:`facepipe.eval.report.evaluate_pair_features`:
+`load_eval_model` accepts a local folder holding a backbone bundle (and optionally an uncertainty
+head, as a registered model's downloaded artifacts or a head-stage checkpoint do); the `evaluate`
+command resolves model URIs (`models:/facepipe-probface@champion`) into such a folder first.
+`pair_table_features` runs it over a pair table in batches and returns a
+:class:`facepipe.eval.features.PairFeatures` in the verification layout (rows 2i / 2i+1 = pair
+i's images), ready for :func:`facepipe.eval.report.evaluate_pair_features`:
 
 * `embeddings` = f(x) and `flipped` = f(mirror x), un-normalised: the InsightFace protocol fuses
   them as f(x) + f(flip x) before normalising;
-* `uncertainty`: the head's output for the unflipped image, σ² for PFE (per dimension) / ProbFace
-  (scalar) and 1/κ for SCF (larger = less reliable in both cases, `kind` says which);
+* `uncertainty`: the head's output for the unflipped image as the method stores it (its registry
+  `uncertainty_kind`: σ² for PFE (per dimension) / ProbFace (scalar), 1/κ for SCF; larger = less
+  reliable), with `kind` and `method` saying which;
 * `degradation`: the pair table's `degradation_a/b` columns (synthetic data), NaN where null.
 """
 
@@ -24,9 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from facepipe.config import TrackingConfig
+from facepipe.data.shards import pair_tables, read_manifest
 from facepipe.errors import DataError, FacepipeError
-from facepipe.eval.features import PairFeatures
+from facepipe.eval.features import PairFeatures, read_pair_labels
+from facepipe.eval.report import evaluate_pair_features, write_metrics
+from facepipe.eval.verification import evaluate_embeddings
+from facepipe.models.bundle import BundleInfo, find_bundle, load_bundle
+from facepipe.models.embed import decode_images_of, embed_images
+from facepipe.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -38,41 +45,36 @@ class EvalModel:
     """A backbone in eval mode, its bundle info, and the uncertainty head when the model has one."""
 
     backbone: Any
-    info: Any  # facepipe.train.checkpoint.BundleInfo
+    info: BundleInfo
     head: Any | None = None
     method: str | None = None
     source: str = ""
 
     @property
     def kind(self) -> str:
-        """What `PairFeatures.uncertainty` will hold for this model."""
-        return "inv_kappa" if self.method == "scf" else "sigma_sq"
+        """What `PairFeatures.uncertainty` will hold for this model (the method's registry kind)."""
+        if self.method is None:
+            return "sigma_sq"
+        from facepipe.uncertainty.registry import get_method  # lazy: torch
+
+        return get_method(self.method).uncertainty_kind
 
 
-def is_model_uri(source: str) -> bool:
-    return "://" in source or source.startswith(("models:/", "runs:/"))
+def load_eval_model(root: str | os.PathLike, source: str | None = None) -> EvalModel:
+    """Load a local bundle folder (with its uncertainty head, when there is one).
 
+    `source` is what the user named (a model URI the caller downloaded into `root`); default `root`.
+    """
+    from facepipe.uncertainty.head_io import find_heads, load_head  # lazy: torch
 
-def load_eval_model(
-    source: str, tracking: TrackingConfig, download_dir: str | os.PathLike | None = None
-) -> EvalModel:
-    """Load a model URI or a local bundle folder (with its uncertainty head, when there is one)."""
-    from facepipe import tracking as tracking_mod
-    from facepipe.train.checkpoint import find_bundle, load_bundle
-    from facepipe.train.uncertainty import HEAD_META, load_head
-
-    if is_model_uri(source):
-        root = tracking_mod.download_model(source, tracking, download_dir)
-    else:
-        root = Path(source)
-        if not root.exists():
-            raise FacepipeError(f"model {source} is neither a model URI nor an existing folder")
+    root = Path(root)
+    source = source or str(root)
+    if not root.exists():
+        raise FacepipeError(f"model {source} is not an existing folder")
     bundle = find_bundle(root)
     backbone, info, _ = load_bundle(bundle)
     # a registered model holds one head; a training-run folder may hold one per checkpoint: take the newest
-    heads = sorted(
-        (p.parent for p in Path(root).rglob(HEAD_META)), key=lambda d: (d / HEAD_META).stat().st_mtime
-    )
+    heads = find_heads(root)
     head, method = None, None
     if heads:
         if len(heads) > 1:
@@ -87,7 +89,7 @@ def embed_batch(model: EvalModel, images_u8: np.ndarray, flip: bool = True) -> d
     """Embeddings, mirrored embeddings and (with a head) uncertainty of uint8 NHWC images."""
     import torch
 
-    from facepipe.train.features import embed_images
+    from facepipe.uncertainty.registry import get_method
 
     emb, flipped, fmap = embed_images(model.backbone, images_u8, flip=flip, maps=model.head is not None)
     out = {"embeddings": emb}
@@ -97,7 +99,7 @@ def embed_batch(model: EvalModel, images_u8: np.ndarray, flip: bool = True) -> d
         with torch.no_grad():
             u = model.head.uncertainty(torch.from_numpy(emb), torch.from_numpy(fmap)).double().numpy()
         u = u.reshape(u.shape[0], -1)
-        out["uncertainty"] = 1.0 / u if model.method == "scf" else u  # κ → 1/κ: larger = less reliable
+        out["uncertainty"] = get_method(model.method).to_stored(u)  # e.g. κ → 1/κ: larger = less reliable
     return out
 
 
@@ -111,10 +113,6 @@ def pair_table_features(
 ) -> PairFeatures:
     """Run `model` over every pair of a pair table, a batch at a time (memory: one batch of images)."""
     import pyarrow.parquet as pq
-
-    from facepipe.eval.features import read_pair_labels
-    from facepipe.progress import progress
-    from facepipe.train.features import decode_images_of
 
     path = Path(path)
     issame, fold = read_pair_labels(path)
@@ -167,6 +165,7 @@ def pair_table_features(
         degradation=deg,
         fold=fold,
         kind=model.kind,
+        method=model.method,
     )
 
 
@@ -181,8 +180,6 @@ HEAVY_MIN = 0.7  # a "heavily degraded" pair: either image's degradation above t
 def degradation_metrics(features: PairFeatures, n_folds: int = 10) -> dict[str, Any]:
     """10-fold accuracy on clean (both < 0.3), degraded (either >= 0.3) and heavily degraded (either > 0.7)
     pairs, and Spearman(uncertainty, degradation) per image."""
-    from facepipe.eval.verification import evaluate_embeddings
-
     if features.degradation is None:
         return {}
     d = np.asarray(features.degradation, dtype=np.float64).reshape(-1, 2)
@@ -221,6 +218,13 @@ def degradation_metrics(features: PairFeatures, n_folds: int = 10) -> dict[str, 
 # ---------------------------------------------------------------------------------------------
 
 
+def score_names() -> list[str]:
+    """The metric keys of every registered method's uncertainty-aware score ("mls_pfe", ...)."""
+    from facepipe.uncertainty.registry import METHODS  # lazy: torch
+
+    return [spec.score_name for spec in METHODS.values()]
+
+
 def table_summary(metrics: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of one pair table's full metrics (what OUT/metrics.json holds)."""
     ver = metrics["insightface"]
@@ -231,7 +235,7 @@ def table_summary(metrics: dict[str, Any], extra: dict[str, Any]) -> dict[str, A
         "val_at_far_1e-3": ver["val"],
         "auc": metrics["cosine"]["auc"],
     }
-    for score in ("mls_pfe", "mls_probface", "scf"):
+    for score in score_names():
         if score in metrics:
             out[f"{score}_accuracy"] = metrics[score]["accuracy"]
     for label, risk in (metrics.get("risk") or {}).items():
@@ -249,15 +253,12 @@ def evaluate_model(
     n_folds: int = 10,
     batch_images: int = 256,
     flip: bool = True,
+    edc=None,  # facepipe.eval.edc_report.EdcSettings; None: the defaults
 ) -> tuple[dict[str, Any], list[Path]]:
     """Score `model` on every pair table of `shards_dir`; write the report into `out_dir`.
 
     Returns (summary keyed by pair-table name, files written).
     """
-    from facepipe.data.shards import read_manifest
-    from facepipe.eval.report import evaluate_pair_features, write_metrics
-    from facepipe.train.features import pair_tables
-
     shards_dir, out = Path(shards_dir), Path(out_dir)
     tables = pair_tables(shards_dir)
     if not tables:
@@ -275,7 +276,9 @@ def evaluate_model(
         features = pair_table_features(model, path, order, batch_images, flip)
         plots = out / "plots" / name
         try:
-            metrics, paths = evaluate_pair_features(features, plots, name, tuple(rejection_rates), n_folds)
+            metrics, paths = evaluate_pair_features(
+                features, plots, name, tuple(rejection_rates), n_folds, edc
+            )
         except ValueError as err:
             raise DataError(f"cannot evaluate: {err}", path=path) from err
         extra = degradation_metrics(features, n_folds)

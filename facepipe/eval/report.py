@@ -16,44 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from facepipe.fsutil import atomic_path, write_json_atomic
+from facepipe.eval.plots import figure, save_png, set_labels
+from facepipe.fsutil import write_json_atomic
 
 DEGRADATION_BINS = (("clean (<0.3)", 0.0, 0.3), ("mid (0.3-0.7)", 0.3, 0.7), ("degraded (>0.7)", 0.7, 1.0))
 UNCERTAINTY_LABELS = {"sigma_sq": "σ² (larger = less certain)", "inv_kappa": "1/κ (larger = less certain)"}
-
-
-def _figure(width: float = 6.4, height: float = 4.8):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(width, height), dpi=120)
-    return plt, fig, ax
-
-
-def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
-
-
-def _label(ax, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
-    """Axis labels, title, a light log-friendly grid and the legend."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, which="both", ls=":", lw=0.6)
-    ax.legend(loc=legend_loc)
 
 
 def plot_roc(
     curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = ""
 ) -> Path:
     """TAR vs FAR, log FAR axis from the smallest non-zero FAR (at least 1e-6) to 1."""
-    plt, fig, ax = _figure()
+    plt, fig, ax = figure()
     lo = 1.0
     for name, (fpr, tpr) in curves.items():
         fpr, tpr = np.asarray(fpr), np.asarray(tpr)
@@ -64,15 +38,16 @@ def plot_roc(
     ax.set_xscale("log")
     ax.set_xlim(min(max(lo, 1e-6), 0.1), 1.0)
     ax.set_ylim(0.0, 1.01)
-    _label(ax, "False accept rate (FAR, log scale)", "True accept rate (TAR)", title or "ROC", "lower right")
-    return _save(plt, fig, Path(path))
+    far, tar = "False accept rate (FAR, log scale)", "True accept rate (TAR)"
+    set_labels(ax, far, tar, title or "ROC", "lower right")
+    return save_png(plt, fig, Path(path))
 
 
 def plot_det(
     curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = ""
 ) -> Path:
     """FNMR vs FMR on log-log axes."""
-    plt, fig, ax = _figure()
+    plt, fig, ax = figure()
     lo_x, lo_y = 1.0, 1.0
     for name, (fpr, tpr) in curves.items():
         fpr, fnr = np.asarray(fpr), 1.0 - np.asarray(tpr)
@@ -85,15 +60,15 @@ def plot_det(
     ax.set_xlim(min(max(lo_x, 1e-6), 0.1), 1.0)
     ax.set_ylim(min(max(lo_y, 1e-4), 0.1), 1.0)
     fmr, fnmr = "False match rate (FMR, log scale)", "False non-match rate (FNMR, log scale)"
-    _label(ax, fmr, fnmr, title or "DET", "upper right")
-    return _save(plt, fig, Path(path))
+    set_labels(ax, fmr, fnmr, title or "DET", "upper right")
+    return save_png(plt, fig, Path(path))
 
 
 def plot_risk(
     curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = ""
 ) -> Path:
     """Accuracy (%) vs rejection rate (%); ``curves[name] = (rejection_rates, accuracy)``."""
-    plt, fig, ax = _figure()
+    plt, fig, ax = figure()
     for name, (rates, acc) in curves.items():
         ax.plot(
             100 * np.asarray(rates), 100 * np.asarray(acc, dtype=np.float64), marker="o", lw=1.5, label=name
@@ -103,7 +78,7 @@ def plot_risk(
     ax.set_title(title or "Risk-controlled accuracy")
     ax.grid(True, ls=":", lw=0.6)
     ax.legend(loc="lower right")
-    return _save(plt, fig, Path(path))
+    return save_png(plt, fig, Path(path))
 
 
 def plot_uncertainty_hist(
@@ -115,7 +90,7 @@ def plot_uncertainty_hist(
 ) -> Path:
     """Histogram of per-image uncertainty, one series per degradation bin (log x when it spans decades)."""
     u = np.asarray(uncertainty, dtype=np.float64).reshape(uncertainty.shape[0], -1).mean(axis=1)
-    plt, fig, ax = _figure()
+    plt, fig, ax = figure()
     positive = u[u > 0]
     log_x = positive.size > 0 and positive.max() / positive.min() > 30
     lo, hi = (positive.min(), positive.max()) if positive.size else (0.0, 1.0)
@@ -141,7 +116,7 @@ def plot_uncertainty_hist(
     ax.set_title(title or "Uncertainty by degradation level")
     ax.grid(True, ls=":", lw=0.6)
     ax.legend(loc="best")
-    return _save(plt, fig, Path(path))
+    return save_png(plt, fig, Path(path))
 
 
 def write_metrics(out_dir: str | os.PathLike, metrics: dict, name: str = "metrics.json") -> Path:
@@ -170,29 +145,39 @@ def _plain(obj):
 # ---------------------------------------------------------------------------------------------
 
 
-def _uncertainty_score(features, fused: np.ndarray) -> tuple[str, np.ndarray] | None:
-    """The uncertainty-aware pair score that fits the stored uncertainty, or None."""
-    from facepipe.eval.scoring import mls_rows, mls_scalar_from_cos, numpy_callable
+def _method_and_u(features, embedding_size: int):
+    """(the uncertainty method of `features`, its own u (σ², κ) per image) from the stored values."""
+    from facepipe.uncertainty.registry import get_method, method_for_stored  # lazy: torch
 
-    u = features.uncertainty
-    if u is None:
-        return None
-    u = u.reshape(u.shape[0], -1).astype(np.float64)
-    cos = np.einsum("ij,ij->i", fused[0::2], fused[1::2])
-    if features.kind == "inv_kappa":
-        try:
-            from facepipe.uncertainty.scf import pair_score
-        except ImportError:
-            return None
-        kappa = 1.0 / u[:, 0]
-        return "scf", np.asarray(
-            numpy_callable(pair_score)(fused[0::2], kappa[0::2], fused[1::2], kappa[1::2])
+    stored = features.uncertainty.reshape(features.uncertainty.shape[0], -1).astype(np.float64)
+    if features.method is not None:
+        method = get_method(features.method)
+    else:
+        method = method_for_stored(features.kind, stored.shape[1], embedding_size)
+    if stored.shape[1] != method.uncertainty_size(embedding_size):
+        raise ValueError(
+            f"{method.name} uncertainty has {stored.shape[1]} columns, "
+            f"expected {method.uncertainty_size(embedding_size)} for {embedding_size}-d embeddings"
         )
-    if u.shape[1] == 1:
-        return "mls_probface", mls_scalar_from_cos(cos, u[0::2, 0], u[1::2, 0])
-    if u.shape[1] != fused.shape[1]:
-        raise ValueError(f"per-dimension uncertainty has {u.shape[1]} dims, embeddings {fused.shape[1]}")
-    return "mls_pfe", mls_rows(fused[0::2], u[0::2], fused[1::2], u[1::2])
+    return method, method.to_stored(stored)  # stored (σ², 1/κ) → the method's u (σ², κ)
+
+
+def _uncertainty_score(features, fused: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """The uncertainty-aware pair score of the features' method (its own `pair_score`), or None."""
+    from facepipe.eval.scoring import method_pair_scores
+
+    if features.uncertainty is None:
+        return None
+    method, u = _method_and_u(features, fused.shape[1])
+    return method.score_name, method_pair_scores(method, fused[0::2], u[0::2], fused[1::2], u[1::2])
+
+
+def _image_uncertainty(features, embedding_size: int) -> np.ndarray:
+    """Per-image scalar uncertainty (2P, 1), larger = less certain: the method's `uncertainty_scalar`."""
+    import torch
+
+    method, u = _method_and_u(features, embedding_size)
+    return method.uncertainty_scalar(torch.from_numpy(u)).numpy().reshape(-1, 1)
 
 
 def evaluate_pair_features(
@@ -201,8 +186,12 @@ def evaluate_pair_features(
     name: str = "verification",
     rejection_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3),
     n_folds: int = 10,
+    edc=None,
 ) -> tuple[dict, list[Path]]:
     """Verification report of a :class:`facepipe.eval.features.PairFeatures`: metrics JSON + PNGs.
+
+    ``edc``: :class:`facepipe.eval.edc_report.EdcSettings` (None: the defaults) for the ``edc`` entry
+    and the ``edc_fmr_<α>.png`` plots (ISO/IEC 29794-1 EDC of every quality and baseline).
 
     Metrics: the InsightFace protocol (accuracy ± std, per-fold thresholds, VAL@FAR=1e-3), TAR at
     FAR over all pairs, and when uncertainty is present the uncertainty-aware score's k-fold
@@ -244,7 +233,7 @@ def evaluate_pair_features(
         metrics[score_name] = {"accuracy": kf.accuracy, "std": kf.std, **roc_u.metrics()}
         curves[score_name] = (roc_u.fpr, roc_u.tpr)
     if features.uncertainty is not None:
-        u = features.uncertainty.reshape(features.embeddings.shape[0], -1)
+        u = _image_uncertainty(features, fused.shape[1])
         pair_u = pair_uncertainty(u[0::2], u[1::2], "max")
         metrics["risk"] = {}
         for label, s in [("cosine", cos)] + ([unc_score] if unc_score is not None else []):
@@ -263,6 +252,10 @@ def evaluate_pair_features(
         )
         if features.degradation is not None:
             metrics["uncertainty_by_degradation"] = _by_degradation(u.mean(axis=1), features.degradation)
+    from facepipe.eval.edc_report import write_edc
+
+    metrics["edc"], edc_paths = write_edc(cos, features.issame, features, out_dir, name, edc)
+    paths.extend(edc_paths)
     paths.insert(0, plot_roc(curves, out_dir / "roc.png", f"{name}: ROC"))
     paths.insert(1, plot_det(curves, out_dir / "det.png", f"{name}: DET"))
     paths.insert(0, write_metrics(out_dir, metrics))

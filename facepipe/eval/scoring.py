@@ -1,4 +1,7 @@
-"""Pair scores at scale: cosine, PFE per-dimension MLS, ProbFace scalar MLS, or any callable.
+"""Pair scores at scale: the engine that runs cosine or an uncertainty method's own score on many pairs.
+
+The scores themselves belong to the methods (`facepipe.uncertainty`): callers pass the method's
+``pair_score`` (gathered rows) or ``score_from_cos`` (GEMM path), wrapped by :func:`numpy_callable`.
 
 Two ways to score a list of (row a, row b) pairs of a feature table:
 - *gather*: copy the two rows of each pair and reduce them, in fixed-size chunks so memory stays
@@ -8,8 +11,8 @@ Two ways to score a list of (row a, row b) pairs of a feature table:
   each band with one GEMM, then read the needed entries. Protocols like IJB-C compare a set of
   enrolment templates against a set of probe templates, so a band is usually dense enough that
   one GEMM beats gathering its pairs one by one; too-sparse bands fall back to gathering. Only
-  scores that are a function of ``mu_a·mu_b`` (plus per-row scalars) can use it: cosine and
-  ProbFace's scalar-σ² MLS.
+  scores that are a function of ``mu_a·mu_b`` (plus per-row scalars) can use it: cosine, and a method
+  that provides ``score_from_cos`` (ProbFace's scalar-σ² MLS).
 
 Conventions: every score is a similarity (higher = more likely the same identity).
 """
@@ -22,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 DEFAULT_CHUNK = 4096
-MLS_CHUNK = 512
+MLS_CHUNK = 512  # small chunks keep the four gathered blocks in cache (measured best for D=512)
 LOCALITY_BLOCK = 256
 # a band of the template x template score matrix is at most this big
 DEFAULT_BAND_BYTES = 512 << 20
@@ -47,28 +50,6 @@ class PairScore(Protocol):
 def cosine_rows(mu_a: np.ndarray, u_a: object, mu_b: np.ndarray, u_b: object) -> np.ndarray:
     """Dot product of already L2-normalised rows."""
     return np.einsum("ij,ij->i", mu_a, mu_b)
-
-
-def mls_rows(mu_a: np.ndarray, var_a: np.ndarray, mu_b: np.ndarray, var_b: np.ndarray) -> np.ndarray:
-    """PFE mutual likelihood score, constants dropped: ``-Σ_k [(Δμ_k)²/(σ²_a+σ²_b) + log(σ²_a+σ²_b)]``.
-
-    Works in place on fresh temporaries, in the input dtype: for float32 inputs numpy's pairwise
-    float32 row sums keep the relative error near 1e-7, and avoiding a float64 accumulator (a cast
-    per element) makes this ~3x faster.
-    """
-    var = np.add(var_a, var_b)
-    diff = np.subtract(mu_a, mu_b)
-    np.square(diff, out=diff)
-    np.divide(diff, var, out=diff)
-    quad = diff.sum(axis=1)
-    np.log(var, out=var)
-    return -(quad.astype(np.float64) + var.sum(axis=1))
-
-
-def mls_scalar_from_cos(cos: np.ndarray, var_a: np.ndarray, var_b: np.ndarray) -> np.ndarray:
-    """ProbFace score for unit μ and scalar σ²: ``-[2(1-cos)/(σ²_a+σ²_b) + log(σ²_a+σ²_b)]``."""
-    var = var_a + var_b
-    return -(2.0 * (1.0 - cos) / (1e-10 + var) + np.log(var))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,30 +200,63 @@ def score_pairs(
     unc_b: np.ndarray | None = None,
     chunk: int = DEFAULT_CHUNK,
     band_bytes: int = DEFAULT_BAND_BYTES,
+    from_cos: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Score pairs of rows of a feature table with a named metric or a ``pair_score`` callable.
+    """Score pairs of rows of a feature table: cosine, a ``pair_score`` callable, or ``from_cos``.
 
-    Named metrics: ``cosine`` (rows must be unit length), ``mls`` (PFE, per-dim σ² in ``unc``),
-    ``mls_scalar`` (ProbFace, unit rows, σ² one value per row). Memory is O(chunk·D + pairs).
+    ``metric="cosine"`` (rows must be unit length) with ``from_cos`` turns each dot product and the
+    two rows' scalar ``unc`` into the score (template × template GEMM); a callable ``metric`` is
+    applied to gathered rows. ``"mls"`` / ``"mls_scalar"`` are shorthands for the registered PFE /
+    ProbFace scores (per-dimension σ² in ``unc`` / unit rows with one σ² each). Memory is O(chunk·D + pairs).
     """
     if callable(metric):
         return score_pairs_gather(feats, ia, ib, metric, unc, feats_b, unc_b, chunk)
-    if metric == "cosine":
-        return score_pairs_blocked(feats, ia, ib, feats_b, band_bytes=band_bytes, chunk=chunk)
-    if metric == "mls_scalar":
-        if unc is None:
-            raise ValueError("mls_scalar needs one σ² per row")
-        u_a = np.asarray(unc).reshape(-1)
-        u_b = None if unc_b is None else np.asarray(unc_b).reshape(-1)
-        return score_pairs_blocked(
-            feats, ia, ib, feats_b, mls_scalar_from_cos, u_a, u_b, band_bytes, chunk=chunk
-        )
     if metric == "mls":
         if unc is None or np.shape(unc) != np.shape(feats):
             raise ValueError(f"mls needs per-dimension σ² shaped like the features {np.shape(feats)}")
-        # small chunks keep the four gathered blocks in cache (measured best at ~512 pairs for D=512)
-        return score_pairs_gather(feats, ia, ib, mls_rows, unc, feats_b, unc_b, chunk=min(chunk, MLS_CHUNK))
-    raise ValueError(f"unknown metric {metric!r} (cosine, mls, mls_scalar or a callable)")
+        pfe_score = numpy_callable(_registered("pfe").pair_score)  # wrapped once, not per chunk
+        return score_pairs_gather(feats, ia, ib, pfe_score, unc, feats_b, unc_b, chunk=min(chunk, MLS_CHUNK))
+    if metric == "mls_scalar":
+        if unc is None:
+            raise ValueError("mls_scalar needs one σ² per row")
+        metric, from_cos = "cosine", _registered("probface").score_from_cos
+    if metric != "cosine":
+        raise ValueError(f"unknown metric {metric!r} (cosine, mls, mls_scalar or a callable)")
+    if from_cos is None:
+        return score_pairs_blocked(feats, ia, ib, feats_b, band_bytes=band_bytes, chunk=chunk)
+    if unc is None:
+        raise ValueError("a score from cos θ needs one uncertainty value per row")
+    u_a = np.asarray(unc).reshape(-1)
+    u_b = None if unc_b is None else np.asarray(unc_b).reshape(-1)
+    return score_pairs_blocked(feats, ia, ib, feats_b, from_cos, u_a, u_b, band_bytes, chunk=chunk)
+
+
+def _registered(name: str) -> object:
+    from facepipe.uncertainty.registry import get_method  # lazy: torch
+
+    return get_method(name)
+
+
+def mls_rows(mu_a: np.ndarray, var_a: np.ndarray, mu_b: np.ndarray, var_b: np.ndarray) -> np.ndarray:
+    """PFE's mutual likelihood score of gathered rows: the method's own ``pair_score``, on numpy arrays."""
+    return numpy_callable(_registered("pfe").pair_score)(mu_a, var_a, mu_b, var_b)
+
+
+def method_pair_scores(
+    method: object, mu_a: np.ndarray, u_a: np.ndarray, mu_b: np.ndarray, u_b: np.ndarray
+) -> np.ndarray:
+    """A method's score of row-aligned pairs (unit μ, u as the method's head gives it), chunked.
+
+    Uses the method's ``score_from_cos`` on row-wise dots when it has one, else its ``pair_score``.
+    """
+    from_cos = getattr(method, "score_from_cos", None)
+    n = mu_a.shape[0]
+    idx = np.arange(n)
+    feats = np.concatenate([mu_a, mu_b])
+    unc = np.concatenate([u_a, u_b])
+    if from_cos is not None and unc.reshape(2 * n, -1).shape[1] == 1:
+        return score_pairs(feats, idx, idx + n, "cosine", unc, from_cos=numpy_callable(from_cos))
+    return score_pairs(feats, idx, idx + n, numpy_callable(method.pair_score), unc)
 
 
 def numpy_callable(fn: Callable) -> Callable:

@@ -22,6 +22,9 @@ from torch import Tensor, nn
 
 from facepipe.errors import FacepipeError
 from facepipe.fsutil import atomic_path
+from facepipe.models.bundle import find_bundle, load_bundle
+from facepipe.uncertainty.head_io import HEAD_META, load_head
+from facepipe.uncertainty.registry import EmbeddingWithUncertainty, get_method
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
@@ -149,8 +152,6 @@ def export_with_uncertainty(
     metadata: dict[str, object] | None = None,
 ) -> Path:
     """Export backbone + uncertainty head: images → (embedding, σ² for PFE/ProbFace or κ for SCF)."""
-    from facepipe.uncertainty.registry import EmbeddingWithUncertainty, get_method
-
     spec = get_method(method)
     meta = {
         **_backbone_metadata(backbone),
@@ -230,8 +231,6 @@ def export_checkpoint(
     artifacts. The uncertainty head (``head.json`` + ``head.pt`` from the uncertainty stage) is taken from
     ``head`` or, when not given, from inside ``checkpoint`` if one is there; ``backbone_only`` skips it.
     """
-    from facepipe.train.checkpoint import find_bundle, load_bundle
-
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise FacepipeError(f"checkpoint {checkpoint} does not exist")
@@ -249,9 +248,6 @@ def export_checkpoint(
         err = verify_export(path, EmbeddingOnly(backbone), images)
         method = None
     else:
-        from facepipe.train.uncertainty import load_head
-        from facepipe.uncertainty.registry import EmbeddingWithUncertainty
-
         head_model = load_head(head_dir)
         method = head_model.method
         path = export_with_uncertainty(
@@ -272,8 +268,6 @@ def export_checkpoint(
 
 
 def _find_head(root: Path, required: bool) -> Path | None:
-    from facepipe.train.uncertainty import HEAD_META
-
     if (root / HEAD_META).is_file():
         return root
     found = sorted(p.parent for p in root.rglob(HEAD_META)) if root.is_dir() else []

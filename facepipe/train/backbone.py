@@ -26,10 +26,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facepipe import tracking
 from facepipe.config import Config, OptimConfig
+from facepipe.data.loader import ShardLoader
+from facepipe.data.shards import list_shards, pair_tables, read_manifest
 from facepipe.errors import FacepipeError
+from facepipe.eval.verification import evaluate_embeddings
+from facepipe.fsutil import torch_save_atomic
+from facepipe.models.bundle import CENTRES_FILE, BundleInfo, load_bundle, save_bundle
+from facepipe.models.embed import embed_pair_table
 from facepipe.progress import summary
-from facepipe.train.collective import all_agree
+from facepipe.train.checkpoint import load_training_state, save_training_state
+from facepipe.train.collective import all_agree, gather_objects
+from facepipe.train.features import merge_verification, verify_pairs
+from facepipe.train.nonfinite import nonfinite_flag, record_nonfinite
+from facepipe.train.ray_job import launch_stage, set_threads, worker_context, worker_device
 from facepipe.train.schedule import BudgetSchedule, lr_factor
 
 log = logging.getLogger(__name__)
@@ -54,7 +65,6 @@ class DataInfo:
 
 def resolve_data(shards_dir: str | os.PathLike) -> DataInfo:
     """Shards, class count and colour order of a decoded dataset (from its manifest)."""
-    from facepipe.data.shards import list_shards, read_manifest
 
     shards_dir = Path(shards_dir).resolve()
     manifest = read_manifest(shards_dir)
@@ -163,14 +173,7 @@ def backbone_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from facepipe.data.loader import ShardLoader
-    from facepipe.models.registry import build_backbone, build_margin_head
-    from facepipe.tracking import MetricLogger
-    from facepipe.train.checkpoint import BundleInfo, load_training_state, save_bundle, save_training_state
-    from facepipe.train.collective import gather_objects
-    from facepipe.train.features import merge_verification, verify_pairs
-    from facepipe.train.nonfinite import nonfinite_flag, record_nonfinite
-    from facepipe.train.ray_job import set_threads, worker_context, worker_device
+    from facepipe.models.registry import build_backbone, build_margin_head  # lazy: torch
 
     set_threads()
     config = Config.model_validate(cfg["config"])
@@ -262,7 +265,9 @@ def backbone_worker(cfg: dict[str, Any]) -> None:
         step = int(meta["step"])
     events.write(event="start", rank=rank, world=world, pid=os.getpid(), node=node, step=step)
     metrics_log = (
-        MetricLogger(cfg.get("tracking_uri"), cfg.get("run_id")) if rank == 0 else MetricLogger(None, None)
+        tracking.MetricLogger(cfg.get("tracking_uri"), cfg.get("run_id"))
+        if rank == 0
+        else tracking.MetricLogger(None, None)
     )
 
     def model_state() -> dict[str, Any]:
@@ -454,8 +459,6 @@ def train_backbone(
 
     Re-running with the same `run_name` resumes that run from its latest checkpoint.
     """
-    from facepipe import tracking
-    from facepipe.train.ray_job import launch_stage
 
     tb = config.train_backbone
     data = resolve_data(shards_dir or config.paths.shards)
@@ -490,16 +493,11 @@ def assemble_centres(checkpoint_dir: Path, bundle: Path) -> None:
     """Join PartialFC's per-rank centre shards (contiguous class blocks, rank order) into the bundle."""
     import torch
 
-    from facepipe.train.checkpoint import CENTRES_FILE
-
     shards = sorted(checkpoint_dir.glob("centres-rank*.pt"), key=lambda p: int(p.stem.split("rank")[1]))
     if not shards or (bundle / CENTRES_FILE).is_file():
         return
     weights = [torch.load(p, map_location="cpu", weights_only=True)["weight"] for p in shards]
-    from facepipe.fsutil import atomic_path
-
-    with atomic_path(bundle / CENTRES_FILE) as tmp:
-        torch.save(torch.cat(weights).float(), tmp)
+    torch_save_atomic(torch.cat(weights).float(), bundle / CENTRES_FILE)
 
 
 def write_plots(
@@ -512,16 +510,10 @@ def write_plots(
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from facepipe.eval.verification import evaluate_embeddings
-    from facepipe.train.checkpoint import load_bundle
-    from facepipe.train.features import embed_pair_table, pair_tables
-
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     if run_id:
-        from facepipe.tracking import client
-
-        history = client(config.tracking).get_metric_history(run_id, "train/loss")
+        history = tracking.client(config.tracking).get_metric_history(run_id, "train/loss")
         if history:
             steps = [m.step for m in history]
             values = [m.value for m in history]

@@ -1,8 +1,8 @@
-"""Running a frozen backbone over images: pair-table verification and the feature cache.
+"""The frozen backbone's outputs during training: pair-table verification and the feature cache.
 
-* `embed_pair_table` / `verify_pairs`: embeddings of a verification pair table (image and its mirror),
-  scored with the InsightFace 10-fold protocol. Used after every training epoch and by the stages'
-  final benchmark.
+* `verify_pairs`: embeddings of a verification pair table (image and its mirror, through
+  `facepipe.models.embed`), scored with the InsightFace 10-fold protocol. Used after every training
+  epoch and by the stages' final benchmark.
 * `cache_features`: the frozen backbone's outputs for every training image, written as Parquet shards
   with one output row group per input row group (same row order), so the uncertainty stage plans
   batches identically on images or on the cache and heads train without re-running the backbone.
@@ -20,95 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from facepipe.data.loader import normalise
-from facepipe.errors import DataError
+from facepipe.data.shards import pair_tables
+from facepipe.eval.verification import evaluate_embeddings
 from facepipe.fsutil import atomic_path, clean_stale_temps, write_json_atomic
+from facepipe.models.embed import decode_images_of, embed_images, embed_pair_table
+from facepipe.progress import progress
 
 log = logging.getLogger(__name__)
 
 CACHE_META = "features.json"
-
-
-def decode_images_of(
-    images: list[bytes], size: tuple[int, int], color_order: str, source: str, first_row: int
-) -> np.ndarray:
-    """`decode_images`, with a failure reported against the file and row it came from."""
-    from facepipe.data.shards import decode_images
-
-    try:
-        return decode_images(images, color_order, size)
-    except DataError as err:
-        row = first_row + (err.record or 0)
-        raise DataError("image does not decode", path=source, record=f"row {row}") from err
-
-
-def _input_memory_format(backbone: Any) -> Any:
-    """Channels-last when the model's convolutions are (such a model runs ~10% faster on NHWC input)."""
-    import torch
-
-    for p in backbone.parameters():
-        if p.dim() == 4:
-            nhwc = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-            return torch.channels_last if nhwc else torch.contiguous_format
-    return torch.contiguous_format
-
-
-def embed_images(backbone: Any, images_u8: np.ndarray, flip: bool = False, maps: bool = False) -> Any:
-    """(embeddings, flipped embeddings or None, feature maps or None) for uint8 NHWC images."""
-    import torch
-
-    x = normalise(images_u8)
-    device = next(backbone.parameters()).device
-    fmt = _input_memory_format(backbone)
-    with torch.no_grad():
-        emb, fmap = backbone.forward_features(x.to(device, memory_format=fmt))
-        flipped = None
-        if flip:
-            flipped = backbone.forward_features(torch.flip(x, dims=[3]).to(device, memory_format=fmt))[0]
-    return (
-        emb.float().cpu().numpy(),
-        None if flipped is None else flipped.float().cpu().numpy(),
-        fmap.float().cpu().numpy() if maps else None,
-    )
-
-
-def embed_pair_table(
-    backbone: Any,
-    path: str | os.PathLike,
-    input_size: tuple[int, int],
-    color_order: str,
-    batch_pairs: int = 128,
-    flip: bool = True,
-) -> dict[str, np.ndarray]:
-    """Embeddings of a pair table, rows 2i / 2i+1 = pair i's images (the verification layout)."""
-    import pyarrow.parquet as pq
-
-    was_training = backbone.training
-    backbone.eval()
-    embs, flips, issame = [], [], []
-    row = 0
-    try:
-        handle = pq.ParquetFile(path)
-        for batch in handle.iter_batches(batch_size=batch_pairs, columns=["image_a", "image_b", "issame"]):
-            a = batch.column("image_a").to_pylist()
-            b = batch.column("image_b").to_pylist()
-            interleaved = [img for pair in zip(a, b, strict=True) for img in pair]
-            images = decode_images_of(interleaved, input_size, color_order, str(path), 2 * row)
-            e, f, _ = embed_images(backbone, images, flip=flip)
-            embs.append(e)
-            if f is not None:
-                flips.append(f)
-            issame.append(batch.column("issame").to_numpy(zero_copy_only=False))
-            row += batch.num_rows
-    finally:
-        backbone.train(was_training)
-    return {
-        "embedding": np.concatenate(embs),
-        "flipped": np.concatenate(flips) if flips else None,
-        "issame": np.concatenate(issame).astype(bool),
-    }
-
-
 CLEAN_MAX = 0.3  # a "clean" pair: both images' generated degradation below this
 
 
@@ -126,12 +46,6 @@ def pair_degradation(raw_dir: str | os.PathLike | None, name: str, pairs: int) -
         log.warning("%s has %d rows for %d pairs; ignored", sidecar, table.num_rows, pairs)
         return None
     return np.stack([table.column(c).to_numpy() for c in ("degradation_a", "degradation_b")], axis=1)
-
-
-def pair_tables(shards_dir: str | os.PathLike) -> dict[str, Path]:
-    """name -> pair table of a decoded dataset (OUT/pairs/<name>.parquet)."""
-    folder = Path(shards_dir) / "pairs"
-    return {p.stem: p for p in sorted(folder.glob("*.parquet")) if not p.name.startswith(".")}
 
 
 def verify_pairs(
@@ -154,8 +68,6 @@ def verify_pairs(
     returns its own tables' metrics, and `accuracy` is the mean over those (`merge_verification` joins
     the parts). `flip=False` embeds each image once instead of also its mirror, half the cost.
     """
-    from facepipe.eval.verification import evaluate_embeddings
-
     metrics: dict[str, float] = {}
     accs = []
     for i, (name, path) in enumerate(pair_tables(shards_dir).items()):
@@ -242,8 +154,6 @@ def cache_features(
     map_shape = tuple(int(v) for v in map0.shape[1:])
     schema = _cache_schema(emb0.shape[1], int(np.prod(map_shape)))
     written = 0
-    from facepipe.progress import progress
-
     for index, src in enumerate(
         progress(shard_paths, total=len(shard_paths), desc="cache features", unit="shard")
     ):

@@ -23,8 +23,17 @@ from typing import Any
 
 import numpy as np
 
+from facepipe import tracking
 from facepipe.config import Config
+from facepipe.data.loader import decode_rows, normalise, shard_units
+from facepipe.data.sampling import epoch_plan, unit_labels, windows
 from facepipe.errors import FacepipeError
+from facepipe.models.bundle import load_bundle, save_bundle
+from facepipe.train import backbone as backbone_stage  # the shared stage pieces live there for now
+from facepipe.train.checkpoint import load_training_state, save_training_state
+from facepipe.train.features import verify_pairs
+from facepipe.train.nonfinite import stop_on_nonfinite
+from facepipe.train.ray_job import launch_stage, set_threads, worker_context
 
 
 def pairwise_sq_dist(x: Any) -> Any:
@@ -78,19 +87,11 @@ def finetune_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from facepipe.data.loader import decode_rows, normalise, shard_units
-    from facepipe.tracking import MetricLogger
-    from facepipe.train.backbone import EventLog, build_optimizer, build_scheduler
-    from facepipe.train.checkpoint import load_bundle, load_training_state, save_bundle, save_training_state
-    from facepipe.train.nonfinite import stop_on_nonfinite
-    from facepipe.train.ray_job import set_threads, worker_context
-    from facepipe.train.uncertainty import epoch_plan, unit_labels, windows
-
     set_threads()
     config = Config.model_validate(cfg["config"])
     ft = config.finetune
     rank, world, node = worker_context()
-    events = EventLog(cfg.get("events_path"))
+    events = backbone_stage.EventLog(cfg.get("events_path"))
     torch.manual_seed(ft.seed)
     backbone, info, centres = load_bundle(cfg["bundle"])
     if centres is None:
@@ -111,8 +112,8 @@ def finetune_worker(cfg: dict[str, Any]) -> None:
     backbone.train()
     model = ray.train.torch.prepare_model(backbone)
     inner = getattr(model, "module", model)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], ft.optim)
-    scheduler = build_scheduler(
+    optimizer = backbone_stage.build_optimizer([p for p in model.parameters() if p.requires_grad], ft.optim)
+    scheduler = backbone_stage.build_scheduler(
         optimizer, total_steps, int(ft.optim.warmup_epochs * steps_per_epoch), ft.optim.poly_power
     )
     step = 0
@@ -126,7 +127,9 @@ def finetune_worker(cfg: dict[str, Any]) -> None:
         step = int(meta["step"])
     events.write(event="start", rank=rank, world=world, pid=os.getpid(), node=node, step=step)
     metrics_log = (
-        MetricLogger(cfg.get("tracking_uri"), cfg.get("run_id")) if rank == 0 else MetricLogger(None, None)
+        tracking.MetricLogger(cfg.get("tracking_uri"), cfg.get("run_id"))
+        if rank == 0
+        else tracking.MetricLogger(None, None)
     )
     size, colour = tuple(info.input_size), info.color_order
 
@@ -201,14 +204,8 @@ def finetune(
     track: bool = True,
 ) -> Any:
     """Fine-tune a backbone (triplet + centre term); registers it as a new `facepipe-backbone` version."""
-    from facepipe import tracking
-    from facepipe.train.backbone import StageResult, print_stage_summary, resolve_data
-    from facepipe.train.checkpoint import load_bundle
-    from facepipe.train.features import verify_pairs
-    from facepipe.train.ray_job import launch_stage
-
     ft = config.finetune
-    data = resolve_data(shards_dir or config.paths.shards)
+    data = backbone_stage.resolve_data(shards_dir or config.paths.shards)
     name = run_name or f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
     bundle_dir = tracking.resolve_bundle(
         backbone_uri or ft.backbone_uri, config.tracking, Path(config.paths.runs).resolve() / name / "start"
@@ -223,7 +220,7 @@ def finetune(
         metrics = verify_pairs(
             backbone, data.shards_dir, tuple(info.input_size), info.color_order, config.eval.folds
         )
-        result = StageResult(run_id, bundle, metrics, seconds=outcome.seconds)
+        result = backbone_stage.StageResult(run_id, bundle, metrics, seconds=outcome.seconds)
         if track:
             tracking.log_metrics(config.tracking, run_id, metrics, step=int(outcome.metrics.get("step", 0)))
             if register:
@@ -232,5 +229,5 @@ def finetune(
     finally:
         if track and run_id:
             tracking.end_run(config.tracking, run_id, status)
-    print_stage_summary("facepipe train finetune", name, result, "bundle", bundle, None)
+    backbone_stage.print_stage_summary("facepipe train finetune", name, result, "bundle", bundle, None)
     return result

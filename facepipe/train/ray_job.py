@@ -15,16 +15,16 @@ v2) with:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from facepipe.cluster import ray_session
 from facepipe.config import Config
 from facepipe.config import ScalingConfig as ScalingSection
 from facepipe.errors import FacepipeError
@@ -35,37 +35,6 @@ log = logging.getLogger(__name__)
 # Environment variables the driver forwards to the Train controller and workers (Ray propagates its own
 # RAY_TRAIN_* variables; these are ours and the thread caps).
 FORWARDED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
-
-
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Attach to Ray (`address`: None starts a local instance, else "auto" / "host:port" / "ray://...").
-
-    Returns True when this call started or attached Ray (so the caller should shut it down).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
-    if address:
-        kwargs["address"] = address
-    else:
-        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
-    ray.init(**kwargs)
-    return True
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
-    """`ensure_ray` for the duration of a block; shuts Ray down only if this block started it."""
-    import ray
-
-    started = ensure_ray(address, num_cpus)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def absolute_tracking_uri(uri: str | None) -> str | None:

@@ -1,10 +1,11 @@
-"""Uncertainty heads trained on a frozen backbone: PFE, ProbFace and SCF (one module each).
+"""Uncertainty heads trained on a frozen backbone: PFE, ProbFace, SCF and DUL (one module each).
 
-Use ``get_method(name)`` for a method's functions (loss, pair score, fusion, …) and
-``build_uncertainty_head`` for its head; ``bessel`` holds the stable log I_v(κ) that SCF needs.
+``registry`` knows every method (``get_method(name)`` for its functions and facts, ``register`` to add
+one); ``build_uncertainty_head`` builds a head; ``common`` holds what methods share; ``head_io`` saves
+and loads trained heads; ``bessel`` holds the stable log I_v(κ) that SCF needs.
 """
 
-from facepipe.uncertainty import bessel, pfe, probface, scf
+from facepipe.uncertainty import bessel, dul, pfe, probface, scf
 from facepipe.uncertainty.registry import (
     METHODS,
     EmbeddingWithUncertainty,
@@ -20,6 +21,7 @@ __all__ = [
     "UncertaintyMethod",
     "bessel",
     "build_uncertainty_head",
+    "dul",
     "get_method",
     "pfe",
     "probface",

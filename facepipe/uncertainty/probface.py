@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from facepipe.uncertainty.pfe import VAR_FLOOR, LogVarianceHead, as_tensors, rowwise_dot
+from facepipe.uncertainty.common import VAR_FLOOR, LogVarianceHead, as_tensors, rowwise_dot
 
 NAME = "probface"
 LOSS_EPS = 1e-10  # in the attention denominator, as the authors' code
@@ -69,8 +69,19 @@ def pair_score(
 ) -> Tensor:
     """Score of row-aligned pairs (N,), higher = more alike; σ² given as (N,) or (N, 1)."""
     mu_a, sigma_sq_a, mu_b, sigma_sq_b = as_tensors(mu_a, sigma_sq_a, mu_b, sigma_sq_b)
-    var = torch.clamp(_col(sigma_sq_a) + _col(sigma_sq_b), min=VAR_FLOOR)
     cos = rowwise_dot(mu_a, mu_b.to(mu_a.dtype))
+    return score_from_cos(cos, sigma_sq_a, sigma_sq_b, attention_only=attention_only)
+
+
+def score_from_cos(
+    cos: Tensor, sigma_sq_a: Tensor, sigma_sq_b: Tensor, *, attention_only: bool = False
+) -> Tensor:
+    """The pair score from cos θ of unit μ and one σ² per image: −[2(1−cos)/(σ²a+σ²b) + log(σ²a+σ²b)].
+
+    Evaluation uses it to score template × template with one GEMM (`facepipe.eval.scoring`).
+    """
+    cos, sigma_sq_a, sigma_sq_b = as_tensors(cos, sigma_sq_a, sigma_sq_b)
+    var = torch.clamp(_col(sigma_sq_a) + _col(sigma_sq_b), min=VAR_FLOOR)
     attention = 2.0 * (1.0 - cos) / (LOSS_EPS + var)
     return -attention if attention_only else -(attention + torch.log(var))
 

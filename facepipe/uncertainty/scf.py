@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from facepipe.uncertainty.bessel import log_iv, log_iv_minus_vlog
-from facepipe.uncertainty.pfe import as_tensors, rowwise_dot
+from facepipe.uncertainty.common import as_tensors, rowwise_dot
 
 NAME = "scf"
 DEFAULT_RADIUS = 64.0

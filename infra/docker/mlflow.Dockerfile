@@ -1,3 +1,7 @@
 # MLflow tracking server with the Postgres driver and S3 client it needs for the compose stack.
+# The MLflow tag and the added packages are requirements.lock's (`make lock` rewrites the tag; a test checks it).
 FROM ghcr.io/mlflow/mlflow:v3.17.2
-RUN pip install --no-cache-dir "psycopg2-binary>=2.9" "boto3>=1.34"
+COPY requirements.lock tools/lockfile.py /tmp/lock/
+RUN python /tmp/lock/lockfile.py only boto3 botocore s3transfer jmespath psycopg2-binary \
+        --lock /tmp/lock/requirements.lock > /tmp/lock/extra.lock \
+    && pip install --no-cache-dir --no-deps --require-hashes -r /tmp/lock/extra.lock && rm -r /tmp/lock

@@ -198,8 +198,8 @@ def test_end_to_end_cli_shards_read_like_decoded_shards(faces_dir, manifest, tmp
     assert tuple(batch.images.shape) == (4, 3, 112, 112)
     assert set(batch.labels.tolist()) <= {0, 1, 2}
     # The backbone stage finds the shards, the class count and the validation pairs.
+    from facepipe.data.shards import pair_tables
     from facepipe.train.backbone import resolve_data
-    from facepipe.train.features import pair_tables
 
     data = resolve_data(out)
     assert data.num_classes == 3 and data.num_images == len(entries) and len(data.shards) == len(shards)

@@ -8,7 +8,7 @@ import torch
 
 from facepipe import tracking
 from facepipe.config import Config
-from facepipe.train.checkpoint import BundleInfo, save_bundle
+from facepipe.models.bundle import BundleInfo, save_bundle
 
 pytestmark = pytest.mark.integration
 

@@ -67,7 +67,7 @@ def test_two_workers_on_two_nodes_train_and_register(ray_cluster, sample_dataset
     # the registered model gives back the bundle's embeddings
     import torch
 
-    from facepipe.train.checkpoint import load_bundle
+    from facepipe.models.bundle import load_bundle
 
     bundle = tracking.resolve_bundle("models:/facepipe-backbone@champion", config.tracking, tmp_path / "dl")
     backbone, info, centres = load_bundle(bundle)

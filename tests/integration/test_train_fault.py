@@ -84,7 +84,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, sample_dataset,
     assert result.metrics["step"] == tb.max_steps
 
     # the per-rank centre shards were joined into the bundle in class order
-    from facepipe.train.checkpoint import load_bundle
+    from facepipe.models.bundle import load_bundle
 
     _, info, centres = load_bundle(result.bundle_dir)
     assert tuple(centres.shape) == (info.num_classes, info.embedding_size)

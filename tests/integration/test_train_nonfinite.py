@@ -30,9 +30,9 @@ def backbone_bundle(sample_dataset, tmp_path_factory) -> Path:
     """
     import torch
 
+    from facepipe.models.bundle import BundleInfo, save_bundle
     from facepipe.models.registry import build_backbone
     from facepipe.train.backbone import resolve_data
-    from facepipe.train.checkpoint import BundleInfo, save_bundle
 
     data = resolve_data(sample_dataset / "shards")
     torch.manual_seed(0)

@@ -59,19 +59,14 @@ def test_head_trains_on_champion_and_registers(trained, method, cache):
 
 def test_feature_cache_matches_recomputing_and_is_reused(sample_dataset, tmp_path):
     from facepipe.data.loader import shard_units
+    from facepipe.data.sampling import epoch_plan, unit_labels, windows
     from facepipe.data.shards import list_shards
     from facepipe.models.registry import build_backbone
+    from facepipe.train.feature_source import CachedFeatures, RecomputedFeatures
     from facepipe.train.features import cache_features, cache_info, cached_shards
-    from facepipe.train.uncertainty import (
-        CachedFeatures,
-        RecomputedFeatures,
-        build_head_model,
-        epoch_plan,
-        head_loss,
-        unit_labels,
-        windows,
-    )
+    from facepipe.train.uncertainty import head_loss
     from facepipe.uncertainty import get_method
+    from facepipe.uncertainty.head_io import build_head_model
 
     torch.manual_seed(0)
     backbone = build_backbone("iresnet_tiny", embedding_size=32, input_size=[32, 32]).eval()

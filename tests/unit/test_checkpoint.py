@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from facepipe.data.sampling import _window_batches, epoch_plan, windows
 from facepipe.errors import FacepipeError
+from facepipe.models.bundle import BundleInfo, find_bundle, load_bundle, save_bundle
 from facepipe.train.backbone import EventLog, lr_factor, margin_head_kwargs, read_events
-from facepipe.train.checkpoint import (
-    BundleInfo,
-    find_bundle,
-    load_bundle,
-    load_training_state,
-    save_bundle,
-    save_training_state,
-)
+from facepipe.train.checkpoint import load_training_state, save_training_state
 from facepipe.train.finetune import triplet_loss
-from facepipe.train.uncertainty import _window_batches, epoch_plan, windows
 
 
 def test_training_state_round_trip(tmp_path):

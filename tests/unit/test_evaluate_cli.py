@@ -59,6 +59,8 @@ def test_evaluate_features_with_pair_table(inputs, tmp_path, capsys):
         "det.png",
         "risk.png",
         "uncertainty_hist.png",
+        "edc_fmr_0.001.png",
+        "edc_fmr_0.0001.png",
     }
     printed = capsys.readouterr().out
     assert "accuracy" in printed and str(out) in printed

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from facepipe.cli import main
-from facepipe.config import TrackingConfig
 from facepipe.data.shards import write_manifest, write_pair_table
 from facepipe.eval.features import PairFeatures
 from facepipe.eval.model_features import degradation_metrics, load_eval_model, pair_table_features
@@ -22,10 +21,10 @@ N_PAIRS = 60
 
 def _bundle(root, method=None, seed=0):
     """A tiny untrained backbone bundle (and head) written the way the training stages write them."""
+    from facepipe.models.bundle import BundleInfo, save_bundle
+    from facepipe.models.embed import embed_images
     from facepipe.models.registry import build_backbone
-    from facepipe.train.checkpoint import BundleInfo, save_bundle
-    from facepipe.train.features import embed_images
-    from facepipe.train.uncertainty import build_head_model, save_head
+    from facepipe.uncertainty.head_io import build_head_model, save_head
 
     torch.manual_seed(seed)
     kwargs = {"embedding_size": EMB, "input_size": list(SIZE)}
@@ -64,7 +63,7 @@ def shards(tmp_path_factory):
 
 def test_features_are_the_backbone_on_image_and_mirror(tmp_path, shards):
     root, deg = shards
-    model = load_eval_model(str(_bundle(tmp_path, "probface")), TrackingConfig())
+    model = load_eval_model(str(_bundle(tmp_path, "probface")))
     assert model.method == "probface" and model.kind == "sigma_sq"
     f = pair_table_features(model, root / "pairs" / "synth_val.parquet", batch_images=14, show_progress=False)
     assert f.embeddings.shape == (2 * N_PAIRS, EMB) and f.flipped.shape == f.embeddings.shape
@@ -91,13 +90,13 @@ def test_features_are_the_backbone_on_image_and_mirror(tmp_path, shards):
 
 def test_scf_uncertainty_is_inverse_kappa(tmp_path, shards):
     root, _ = shards
-    model = load_eval_model(str(_bundle(tmp_path, "scf")), TrackingConfig())
+    model = load_eval_model(str(_bundle(tmp_path, "scf")))
     assert model.kind == "inv_kappa"
     f = pair_table_features(model, root / "pairs" / "plain.parquet", show_progress=False)
     assert f.degradation is None
     import pyarrow.parquet as pq
 
-    from facepipe.train.features import decode_images_of, embed_images
+    from facepipe.models.embed import decode_images_of, embed_images
 
     first = pq.read_table(root / "pairs" / "plain.parquet").column("image_a")[0].as_py()
     _, _, fmap = embed_images(model.backbone, decode_images_of([first], SIZE, "RGB", "x", 0), maps=True)
@@ -163,7 +162,7 @@ def test_cli_names_the_undecodable_image(tmp_path, shards):
     from facepipe.errors import DataError
     from facepipe.eval.model_features import evaluate_model
 
-    model = load_eval_model(str(_bundle(tmp_path / "m")), TrackingConfig())
+    model = load_eval_model(str(_bundle(tmp_path / "m")))
     with pytest.raises(DataError) as err:
         evaluate_model(model, bad, tmp_path / "o", n_folds=5)
     assert "broken.parquet" in str(err.value) and "13" in str(err.value)
@@ -199,5 +198,5 @@ def test_newest_head_of_a_run_folder_is_used(tmp_path):
     newer = _bundle(tmp_path / "other", "scf")
     (root / "checkpoint_2").mkdir()
     (newer / "head").rename(root / "checkpoint_2" / "head")
-    model = load_eval_model(str(root), TrackingConfig())
+    model = load_eval_model(str(root))
     assert model.method == "scf"

@@ -134,8 +134,8 @@ def test_bad_format_and_opset_are_user_errors(tmp_path):
 @pytest.mark.slow
 def test_export_command_on_a_saved_bundle_and_head(tmp_path, capsys):
     pytest.importorskip("facepipe.models.registry")
-    checkpoint = pytest.importorskip("facepipe.train.checkpoint")
-    stage = pytest.importorskip("facepipe.train.uncertainty")
+    checkpoint = pytest.importorskip("facepipe.models.bundle")
+    stage = pytest.importorskip("facepipe.uncertainty.head_io")
     from facepipe.cli import main
     from facepipe.models.registry import build_backbone
 

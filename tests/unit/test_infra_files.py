@@ -1,8 +1,8 @@
 """The infra files parse, carry the fields their tools need, and name what the package ships.
 
-Versions are checked against the installed packages and pyproject.toml, commands against the
-`[project.scripts]` entry points and facepipe's sub-commands, so a version bump or a renamed command
-breaks these tests instead of a cluster deployment.
+Versions are checked against requirements.lock (the one place that names them) and pyproject.toml,
+commands against the `[project.scripts]` entry points and facepipe's sub-commands, so a version bump or a
+renamed command breaks these tests instead of a cluster deployment.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shlex
 import tomllib
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,14 @@ from packaging.specifiers import SpecifierSet
 
 import facepipe
 from facepipe.cli import COMMANDS
+from tools.lockfile import pinned_versions, public_version
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]
-RAY_VERSION = version("ray")
+LOCKED = {name: public_version(v) for name, v in pinned_versions().items()}
+RAY_VERSION = LOCKED["ray"]
 PY_TAG = "py311"  # the images' Python
 
 
@@ -63,11 +64,10 @@ def test_every_infra_yaml_parses():
         assert load_all(path), f"{path} is empty"
 
 
-def test_pins_match_the_installed_packages():
-    """What the images pin is what the package accepts and what this environment runs."""
-    assert RAY_VERSION in dependency_spec("ray")
-    assert version("prefect") in dependency_spec("prefect")
-    assert version("mlflow") in dependency_spec("mlflow")
+def test_pins_match_the_lock():
+    """What the images pin is what the lock pins, inside what the package accepts."""
+    for name in ("ray", "prefect", "mlflow", "torch"):
+        assert LOCKED[name] in dependency_spec(name), name
     assert SpecifierSet(PYPROJECT["project"]["requires-python"]).contains("3.11")
 
 
@@ -113,13 +113,13 @@ def test_dockerfile_matches_ray_python_and_torch_pins():
     text = (INFRA / "docker" / "Dockerfile").read_text()
     base = re.search(r"^ARG BASE=(\S+)$", text, re.M).group(1)
     assert base == f"rayproject/ray:{RAY_VERSION}-{PY_TAG}-cpu"
-    makefile = (REPO / "Makefile").read_text()
-    torch_pin = re.search(r"torch==([\w.+]+)", makefile).group(1)
-    assert f"torch=={torch_pin}" in text
-    assert "pip install --no-cache-dir -e ." in text
+    assert f"torch=={LOCKED['torch']}" in text
+    # everything but torch installs from the lock, hash-checked and without resolving
+    assert "COPY --chown=ray:users requirements.lock" in text and "--require-hashes" in text
+    assert "pip install --no-cache-dir --no-deps --no-build-isolation -e ." in text
     assert f"facepipe:{facepipe.__version__}" in text  # the documented build tag
     mlflow_df = (INFRA / "docker" / "mlflow.Dockerfile").read_text()
-    assert f"ghcr.io/mlflow/mlflow:v{version('mlflow')}" in mlflow_df
+    assert f"ghcr.io/mlflow/mlflow:v{LOCKED['mlflow']}" in mlflow_df
 
 
 # -------------------------------------------------------------------------------------- KubeRay
@@ -205,7 +205,7 @@ def test_compose_has_the_services():
         assert name in services, name
     for name, svc in services.items():
         assert "image" in svc or "build" in svc, name
-    assert image_tag(services["prefect-server"]["image"]).startswith(version("prefect") + "-python3.11")
+    assert image_tag(services["prefect-server"]["image"]).startswith(LOCKED["prefect"] + "-python3.11")
     assert services["prefect-server"]["command"][:3] == ["prefect", "server", "start"]
     db_url = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert db_url.startswith("postgresql+asyncpg://") and "@prefect-db:5432/" in db_url

@@ -35,6 +35,7 @@ from facepipe.models.heads.sphereface import (
     sphereface2_bias_init,
 )
 from facepipe.models.losses import cross_entropy, dist_cross_entropy
+from tests.fixture_dirs import missing_fixture
 
 pytestmark = pytest.mark.golden
 
@@ -47,7 +48,7 @@ MAX_ERRORS: dict[str, float] = {}
 def _case(golden_dir: Path, prefix: str) -> dict[str, np.ndarray]:
     matches = sorted(golden_dir.glob(f"{prefix}_*.npz"))
     if not matches:
-        pytest.skip(f"no {prefix}_*.npz in {golden_dir}")
+        missing_fixture(f"no {prefix}_*.npz in {golden_dir}")
     with np.load(matches[0], allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 

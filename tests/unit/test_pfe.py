@@ -7,18 +7,33 @@ import pytest
 import torch
 
 from facepipe.uncertainty import build_uncertainty_head, get_method, pfe
+from tests.fixture_dirs import missing_fixture
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 # README case 05 tolerances: scores rtol 1e-10 (f64) / 1e-6 (f32); loss rtol 1e-9 (f64) / 1e-6 (f32)
 SCORE_RTOL = {"f32": 1e-6, "f64": 1e-10}
 LOSS_RTOL = {"f32": 1e-6, "f64": 1e-9}
+# The f32 MLS matrix: rtol 1e-6 OR atol 2e-4 per entry. Each entry is a difference of sums of 512 terms,
+# so float32 summation order alone moves an entry of ~23 by ~1e-4 while the loss matches exactly.
+MATRIX_ATOL = {"f32": 2e-4, "f64": 0.0}
+
+
+def assert_matrix_close(got: np.ndarray, want: np.ndarray, variant: str) -> None:
+    """Each entry within rtol of the reference, or else within atol (the README's 'or', not their sum)."""
+    err = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    allowed = np.maximum(LOSS_RTOL[variant] * np.abs(want.astype(np.float64)), MATRIX_ATOL[variant])
+    worst = int(np.argmax(err - allowed))
+    assert np.all(err <= allowed), (
+        f"{int((err > allowed).sum())} entries outside tolerance; worst at flat index {worst}: "
+        f"got {got.flat[worst]!r}, want {want.flat[worst]!r}"
+    )
 
 
 @pytest.fixture(scope="module")
 def case05(golden_dir):
     path = golden_dir / "case05_pfe_mls.npz"
     if not path.exists():
-        pytest.skip(f"{path} is absent")
+        missing_fixture(f"{path} is absent")
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
 
@@ -62,9 +77,7 @@ def test_mls_loss_and_matrix_match_authors_tf(case05, variant):
     print(f"case05 loss_mls {variant}: rel err {abs(float(total) - want) / abs(want):.3g}")
     s = torch.exp(log_s)
     matrix = -pfe.score_matrix(mu, s, mu, s, eps=pfe.LOSS_EPS)
-    np.testing.assert_allclose(
-        matrix.numpy(), c[f"loss_negative_MLS_matrix_{variant}"], rtol=LOSS_RTOL[variant]
-    )
+    assert_matrix_close(matrix.numpy(), c[f"loss_negative_MLS_matrix_{variant}"], variant)
     # the loss is the mean of that matrix over same-label off-diagonal entries (ordered pairs)
     same = labels[:, None] == labels[None, :]
     same.fill_diagonal_(False)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from facepipe.uncertainty import build_uncertainty_head, get_method, pfe, probface
+from tests.fixture_dirs import missing_fixture
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 # README case 06: pair scores rtol 1e-10 (f64); TF losses rtol 1e-6 (f32) / 1e-9 (f64); triplet rtol 1e-5
@@ -22,7 +23,7 @@ TRIPLET_RTOL = 1e-5
 def case06(golden_dir):
     path = golden_dir / "case06_probface.npz"
     if not path.exists():
-        pytest.skip(f"{path} is absent")
+        missing_fixture(f"{path} is absent")
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files if not k.startswith("risk_")}
 

@@ -49,7 +49,15 @@ def _is_png(path):
 def test_full_report_with_uncertainty(tmp_path, per_dim):
     metrics, paths = report.evaluate_pair_features(synthetic_features(per_dim=per_dim), tmp_path, "synthetic")
     names = sorted(p.name for p in paths)
-    assert names == ["det.png", "metrics.json", "risk.png", "roc.png", "uncertainty_hist.png"]
+    assert names == [
+        "det.png",
+        "edc_fmr_0.0001.png",
+        "edc_fmr_0.001.png",
+        "metrics.json",
+        "risk.png",
+        "roc.png",
+        "uncertainty_hist.png",
+    ]
     for p in paths:
         if p.suffix == ".png":
             assert _is_png(p), p
@@ -68,7 +76,13 @@ def test_full_report_with_uncertainty(tmp_path, per_dim):
 
 def test_report_without_uncertainty(tmp_path):
     metrics, paths = report.evaluate_pair_features(synthetic_features(with_unc=False), tmp_path)
-    assert sorted(p.name for p in paths) == ["det.png", "metrics.json", "roc.png"]
+    assert sorted(p.name for p in paths) == [
+        "det.png",
+        "edc_fmr_0.0001.png",
+        "edc_fmr_0.001.png",
+        "metrics.json",
+        "roc.png",
+    ]
     assert "risk" not in metrics
 
 

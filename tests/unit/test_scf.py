@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from facepipe.uncertainty import build_uncertainty_head, get_method, scf
 from facepipe.uncertainty.bessel import log_ive
+from tests.fixture_dirs import missing_fixture
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 RTOL = {"f32": 1e-5, "f64": 1e-6}  # README case 07
@@ -22,7 +23,7 @@ RTOL = {"f32": 1e-5, "f64": 1e-6}  # README case 07
 def case07(golden_dir):
     path = golden_dir / "case07_scf_kl_vmf.npz"
     if not path.exists():
-        pytest.skip(f"{path} is absent")
+        missing_fixture(f"{path} is absent")
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
 

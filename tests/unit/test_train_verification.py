@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from facepipe.data.shards import pair_tables
+from facepipe.models.embed import embed_images
 from facepipe.models.registry import build_backbone
-from facepipe.train.features import embed_images, merge_verification, pair_tables, verify_pairs
+from facepipe.train.features import merge_verification, verify_pairs
 
 
 @pytest.fixture(scope="module")

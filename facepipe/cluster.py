@@ -1,0 +1,42 @@
+"""Attaching to Ray: a local instance on one machine, or a cluster by address.
+
+Used by every part that runs Ray tasks or Ray Train (alignment, the training stages, benchmarks), so it
+sits at the bottom of the package: nothing here knows about training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Attach to Ray (`address`: None starts a local instance, else "auto" / "host:port" / "ray://...").
+
+    Returns True when this call started or attached Ray (so the caller should shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+    ray.init(**kwargs)
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """`ensure_ray` for the duration of a block; shuts Ray down only if this block started it."""
+    import ray
+
+    started = ensure_ray(address, num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

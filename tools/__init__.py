@@ -1,0 +1,1 @@
+"""Repository tools that run before the virtual environment exists (standard library only)."""
