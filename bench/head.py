@@ -26,7 +26,7 @@ def epoch_seconds(
     import torch
 
     from facepipe.data.sampling import epoch_plan, unit_labels, windows
-    from facepipe.train.uncertainty import head_loss
+    from facepipe.train.head import head_loss
     from facepipe.uncertainty import get_method
     from facepipe.uncertainty.head_io import build_head_model
 

@@ -3,10 +3,16 @@
 For each seed: `facepipe synth` (that seed) → decode → the backbone stage through Ray Train for a
 wall-clock budget (default 10 minutes, 2 CPU cores) → 10-fold verification on the pair tables, split by
 the generated degradation: clean pairs (both images < 0.3), all pairs, heavily degraded pairs (either
-image > 0.7). Then each uncertainty head (PFE, ProbFace, SCF) on the frozen backbone: Spearman of its
-per-image uncertainty against the degradation level, and accuracy before/after rejecting the 30% most
-uncertain pairs. Goals (reported as booleans beside the numbers): clean >= 0.95, all >= 0.90,
-heavily degraded at least 5 points below clean, Spearman >= 0.5, rejection raises accuracy.
+image > 0.7). Then each uncertainty head (every registered method: PFE, ProbFace, SCF, DUL) on the frozen
+backbone: Spearman of its per-image uncertainty against the degradation level, and accuracy before/after
+rejecting the 30% most uncertain pairs. Goals (reported as booleans beside the numbers): clean >= 0.95,
+all >= 0.90, heavily degraded at least 5 points below clean, Spearman >= 0.5, rejection raises accuracy.
+
+`edc` (per seed and pair table): ISO/IEC 29794-1 EDC pAUC of every head beside the baselines, one
+`facepipe.eval.compare` comparison on the shared backbone, at each `eval.edc_fmr_targets` the pair count
+supports (the others are listed under `unsupported`): each row's pAUC (lower is better; `random_expected`
+is random discard, `ideal` the oracle curve, `true_degradation` the generator's oracle quality), and per
+head `towards_ideal` = (random − head) / (random − ideal): 0 is no better than random discard, 1 is ideal.
 
     .venv/bin/python bench/quality.py --seeds 0 1 [--minutes 10] [--workdir /tmp/facepipe-quality]
 
@@ -28,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 GOALS = {"clean": 0.95, "all": 0.90, "degradation_gap": 0.05, "spearman": 0.5}
-METHODS = ("pfe", "probface", "scf")
 
 
 def _config(args: argparse.Namespace, seed: int, root: Path) -> Any:
@@ -104,17 +109,54 @@ def _backbone(config: Any, name: str, out: Path) -> dict[str, Any]:
 
 
 def _head(config: Any, method: str, bundle: str, name: str) -> dict[str, Any]:
-    from facepipe.train.uncertainty import train_uncertainty
+    from facepipe.train.head import train_uncertainty
 
     result = train_uncertainty(
         config, method=method, backbone_uri=bundle, run_name=name, register=False, track=False
     )
     out: dict[str, Any] = {"train_seconds": round(result.seconds, 1)}
+    out["head_dir"] = str(result.extra["head_dir"])  # the EDC comparison loads the head from here
     for key, value in result.metrics.items():
         if key.startswith("val/") and isinstance(value, float):
             table, metric = key.split("/")[1:3]
             out.setdefault(table, {})[metric] = round(value, 4)
     return out
+
+
+def _edc(config: Any, bundle: str, heads: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Per pair table: every head's EDC pAUC beside random discard and the oracles (module docstring)."""
+    from facepipe.data.shards import pair_tables
+    from facepipe.eval.compare import CompareSettings, compare_table
+    from facepipe.eval.model_features import EvalModel
+    from facepipe.models.bundle import find_bundle, load_bundle
+    from facepipe.uncertainty.head_io import load_head
+
+    backbone, info, _ = load_bundle(find_bundle(bundle))
+    models = []
+    for head in heads.values():
+        loaded = load_head(head["head_dir"])
+        models.append(EvalModel(backbone, info, loaded, str(loaded.method), head["head_dir"]))
+    settings = CompareSettings.from_config(config.eval)
+    report: dict[str, Any] = {}
+    for table, path in pair_tables(config.paths.shards).items():
+        comp = compare_table(models, list(heads), path, out, settings)
+        rows = {row["method"]: row["pauc"] for row in comp.rows}
+        entry: dict[str, Any] = {"n_pairs": comp.n_pairs, "unsupported": comp.unsupported, "pauc": {}}
+        entry["towards_ideal"] = {}
+        for key in rows["ideal"]:
+            if key in comp.unsupported:
+                continue
+            pauc = {name: round(p[key], 6) for name, p in rows.items()}
+            entry["pauc"][key] = pauc
+            entry["towards_ideal"][key] = {m: _towards_ideal(pauc, m) for m in heads}
+        report[table] = entry
+    return report
+
+
+def _towards_ideal(pauc: dict[str, float], method: str) -> float | None:
+    """(random − method) / (random − ideal): 0 = random discard, 1 = ideal; None when they coincide."""
+    span = pauc["random_expected"] - pauc["ideal"]
+    return round((pauc["random_expected"] - pauc[method]) / span, 4) if span > 0 else None
 
 
 def _verdict(seed_report: dict[str, Any], table: str) -> dict[str, bool]:
@@ -131,6 +173,9 @@ def _verdict(seed_report: dict[str, Any], table: str) -> dict[str, bool]:
         verdict[f"{method}_rejection_helps"] = m.get("risk_acc_reject_30", 0.0) > m.get(
             "risk_acc_reject_0", 1.0
         )
+    for key, towards in seed_report.get("edc", {}).get(table, {}).get("towards_ideal", {}).items():
+        for method, value in towards.items():
+            verdict[f"{method}_edc_{key}_beats_random"] = value is not None and value > 0
     return verdict
 
 
@@ -145,15 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers for the backbone")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="torch threads per worker")
     parser.add_argument("--head-epochs", type=int, default=4)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     parser.add_argument("--params", default=None, help="params.yaml to start from (default: the repo's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override")
     parser.add_argument("--workdir", default="/tmp/facepipe-quality")
     args = parser.parse_args(argv)
 
     from facepipe.cluster import ray_session
+    from facepipe.uncertainty.registry import method_names
 
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m] if args.methods else method_names()
     result: dict[str, Any] = {"config": dict(vars(args)), "seeds": {}}
     # the stages print their summaries on stdout, which carries only this script's JSON
     with ray_session(None), contextlib.redirect_stdout(sys.stderr):
@@ -164,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             report["backbone"] = _backbone(config, f"quality-backbone-{seed}", root / "eval")
             bundle = report["backbone"]["bundle"]
             report["heads"] = {m: _head(config, m, bundle, f"quality-{m}-{seed}") for m in methods}
+            report["edc"] = _edc(config, bundle, report["heads"], root / "edc")
             report["goals_met"] = {
                 t: _verdict(report, t) for t in report["backbone"] if isinstance(report["backbone"][t], dict)
             }

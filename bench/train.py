@@ -46,12 +46,8 @@ def plain_loop(config, data, steps: int, threads: int) -> float:
 
     from facepipe.data.loader import ShardLoader
     from facepipe.models.registry import build_backbone, build_margin_head
-    from facepipe.train.backbone import (
-        _objective_module,
-        build_optimizer,
-        build_scheduler,
-        margin_head_kwargs,
-    )
+    from facepipe.train.backbone import _objective_module, margin_head_kwargs
+    from facepipe.train.loop import build_optimizer, build_scheduler
 
     torch.set_num_threads(threads)
     tb = config.train_backbone
@@ -115,7 +111,8 @@ def main() -> None:
     _thread_env(args.threads)
 
     from facepipe.config import Config
-    from facepipe.train.backbone import resolve_data, train_backbone
+    from facepipe.train.backbone import train_backbone
+    from facepipe.train.stage import resolve_data
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -54,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
     from facepipe.config import load_config
     from facepipe.data.shards import pair_tables
     from facepipe.eval.compare import CompareSettings, compare_table, method_labels
-    from facepipe.eval.edc_report import EdcSettings
     from facepipe.eval.model_features import load_eval_model
     from facepipe.eval.report import write_metrics
     from facepipe.eval.verification import FAR_LEVELS
@@ -72,16 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if not tables:
         raise DataError("no pair tables (pairs/*.parquet) to compare on", path=args.shards / "pairs")
     config = load_config(args.config, args.overrides)
-    ev = config.eval
-    settings = CompareSettings(
-        tuple(ev.rejection_rates),
-        ev.folds,
-        ev.batch_size,
-        ev.flip,
-        EdcSettings.from_config(ev),
-        args.far,
-        args.reject,
-    )
+    settings = CompareSettings.from_config(config.eval, args.far, args.reject)
     with tempfile.TemporaryDirectory(prefix="facepipe-compare-") as tmp:
         models = []
         for i, source in enumerate(args.models):
@@ -121,9 +111,12 @@ def _write_report(comparisons, settings, out: Path) -> list[Path]:
 
 
 def _headline(row: dict, settings) -> str:
-    alpha = settings.edc.fmr_targets[0]
-    pauc = row["pauc"].get(f"fmr={alpha:g}")
-    text = f"pAUC@FMR={alpha:g} {pauc:.4f}" if pauc is not None else ""
+    """The row's pAUC at the first FMR target the pairs support, and its accuracy."""
+    from facepipe.eval.edc_report import fmr_key
+
+    paucs = [(a, row["pauc"].get(fmr_key(a))) for a in settings.edc.fmr_targets]
+    alpha, pauc = next(((a, v) for a, v in paucs if v is not None), (None, None))
+    text = f"pAUC@FMR={alpha:g} {pauc:.4f}" if pauc is not None else "no supported FMR target"
     if row.get("accuracy") is not None:
         text += f", accuracy {row['accuracy']:.4f}"
     return text
@@ -139,7 +132,8 @@ def _log_run(config, shards: Path, comparisons, paths: list[Path], out: Path) ->
         for comp in comparisons:
             for row in comp.rows:
                 for key, value in row["pauc"].items():
-                    metrics[_metric_name(comp.name, row["method"], f"pauc_{key}")] = value
+                    if value is not None:  # None: an FMR target these pairs cannot support
+                        metrics[_metric_name(comp.name, row["method"], f"pauc_{key}")] = value
                 for key in ("accuracy", "tar_at_far", "risk_accuracy", "spearman_degradation"):
                     if row.get(key) is not None:
                         metrics[_metric_name(comp.name, row["method"], key)] = row[key]

@@ -3,7 +3,10 @@
 It brings up what a cluster would provide, each started here and stopped again at the end: a Prefect
 server on 127.0.0.1 with SQLite, a local Ray head, MLflow on SQLite and a DVC local remote. Then it runs
 the `pipeline` flow (synth → DVC-version → decode → backbone → uncertainty heads → benchmark →
-register) as a child process, so facepipe itself never imports Prefect, and prints a summary.
+register) as a child process, so facepipe itself never imports Prefect, and prints a summary. The heads
+are every registered uncertainty method (PFE, ProbFace, SCF, DUL) unless `--methods` names some; the
+benchmark compares them with the quality baselines (`facepipe compare`), and the summary names that
+report (comparison.html and comparison.md) with each row's EDC pAUC.
 
 Running it again in the same folder reuses what is up to date (the flow's stages check their outputs).
 """
@@ -43,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workdir", default="demo", help="where data, runs, reports and services live")
     parser.add_argument("--params", default=None, help="params.yaml to start from (default: the repo's)")
     parser.add_argument(
-        "--methods", default="pfe,probface,scf", help="uncertainty heads to train (comma-separated)"
+        "--methods",
+        default=None,
+        help="uncertainty heads to train and compare (comma-separated; default: every registered method)",
     )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     source_params = Path(args.params) if args.params else repo / "params.yaml"
     if not params.exists():
         shutil.copyfile(source_params, params)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    # None: the flow trains every method of the uncertainty registry (PFE, ProbFace, SCF, DUL, …)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     mlflow = services.mlflow_local(workdir / "mlflow")
     overrides = [
         *DEMO_OVERRIDES,
@@ -109,9 +115,10 @@ def run(args: argparse.Namespace) -> int:
         summary_path = workdir / "reports" / "demo-summary.json"
         cmd = [
             sys.executable, "-m", "flows.pipeline", "--workdir", str(workdir), "--params", str(params),
-            "--methods", ",".join(methods), "--ray-address", ray["address"],
-            "--summary-json", str(summary_path),
+            "--ray-address", ray["address"], "--summary-json", str(summary_path),
         ]  # fmt: skip
+        if methods is not None:
+            cmd += ["--methods", ",".join(methods)]
         for item in overrides:
             cmd += ["--set", item]
         _say(f"running the pipeline flow (Prefect UI: {prefect['ui_url']})")
@@ -158,6 +165,7 @@ def _format_summary(summary: dict, workdir: Path, mlflow, seconds: float) -> str
         lines.append(f"  ({summary['benchmark_note']})")
     lines.append("")
     lines.append(f"Reports (metrics JSON + PNG plots): {', '.join(summary.get('reports', [])) or '-'}")
+    lines.extend(_comparison_lines(summary.get("comparison_report")))
     lines.append(f"Pipeline summary: {summary.get('summary_path')}")
     lines.append(f"Data version (DVC md5): {summary.get('data_version')}")
     lines.append("")
@@ -169,6 +177,28 @@ def _format_summary(summary: dict, workdir: Path, mlflow, seconds: float) -> str
     )
     lines.append("Run `make demo` again: finished stages are reused.")
     return "\n".join(lines)
+
+
+def _comparison_lines(report: str | None) -> list[str]:
+    """Where the comparison report is (HTML and markdown) and each row's headline pAUC."""
+    if not report or not Path(report).is_file():
+        return ["Comparison report: - (not written; see the benchmark-compare stage in the log)"]
+    html = Path(report)
+    lines = [
+        f"Comparison report (heads + baselines, EDC / risk / accuracy): {html}",
+        f"  markdown table: {html.with_suffix('.md')}",
+    ]
+    rows_path = html.with_name("comparison.json")
+    tables = json.loads(rows_path.read_text()) if rows_path.is_file() else {}
+    for table, comp in tables.items():
+        # an FMR target the pairs cannot support has no pAUC (None) in every row
+        keys = [k for k, v in comp["rows"][0]["pauc"].items() if v is not None]
+        if not keys:
+            lines.append(f"  {table}: no EDC FMR target is supported by its {comp['n_pairs']} pairs")
+            continue
+        cells = ", ".join(f"{row['method']} {row['pauc'][keys[0]]:.4f}" for row in comp["rows"])
+        lines.append(f"  {table} EDC pAUC at {keys[0].upper()} (lower is better): {cells}")
+    return lines
 
 
 def _benchmark_lines(report_dirs: list[str]) -> list[str]:

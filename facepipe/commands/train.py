@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             config, args.shards, run_name=args.name, register=register, events_path=args.events
         )
     elif args.stage == "uncertainty":
-        from facepipe.train.uncertainty import train_uncertainty
+        from facepipe.train.head import train_uncertainty
 
         if args.no_cache:
             config.train_uncertainty.cache_features = False

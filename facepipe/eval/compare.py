@@ -46,6 +46,12 @@ class CompareSettings:
     far: float = 1e-3  # the TAR@FAR column
     reject: float = 0.2  # the risk-controlled accuracy column: this fraction of pairs rejected
 
+    @classmethod
+    def from_config(cls, ev, far: float = 1e-3, reject: float = 0.2) -> CompareSettings:
+        """From a :class:`facepipe.config.EvalConfig` and the two columns' choices."""
+        edc = EdcSettings.from_config(ev)
+        return cls(tuple(ev.rejection_rates), ev.folds, ev.batch_size, ev.flip, edc, far, reject)
+
     @property
     def rates(self) -> tuple[float, ...]:
         """The rejection rates, always including the table's column."""
@@ -61,6 +67,12 @@ class TableComparison:
     edc: dict[str, dict[str, EDCResult]]
     risk_curves: dict[str, tuple[list[float], list[float]]]
     n_pairs: int = 0
+    edc_section: dict[str, Any] = field(default_factory=dict)  # the ``edc`` entry of these pairs
+
+    @property
+    def unsupported(self) -> dict[str, str]:
+        """FMR key → why these pairs cannot fix a threshold there (see facepipe.eval.edc_report)."""
+        return self.edc_section.get("unsupported", {})
 
 
 def method_labels(models: list) -> list[str]:
@@ -187,6 +199,6 @@ def compare_table(
     section, results = edc_section(cos, base.issame, qualities, settings.edc)
     for name in REFERENCE_LINES:
         rows.append({"method": name, "kind": "EDC reference", "source": "", "score": "cosine"})
-    for row in rows:
+    for row in rows:  # None at an unsupported FMR target (see facepipe.eval.edc_report)
         row["pauc"] = {k: v["pauc"] for k, v in section["methods"][row["method"]].items()}
-    return TableComparison(table, rows, results, curves, base.n_pairs)
+    return TableComparison(table, rows, results, curves, base.n_pairs, section)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from facepipe.eval.compare import CompareSettings, TableComparison
+from facepipe.eval.edc_report import fmr_key
 from facepipe.fsutil import atomic_path
 
 CSS = """
@@ -49,8 +50,9 @@ def columns(settings: CompareSettings) -> list[str]:
 def table_cells(comparison: TableComparison, settings: CompareSettings) -> list[list[str]]:
     """The table's rows as strings (a dash where a number does not apply)."""
     out = []
+    keys = [fmr_key(a) for a in settings.edc.fmr_targets]
     for row in comparison.rows:
-        paucs = [_num(row["pauc"].get(f"fmr={a:g}"), 5) for a in settings.edc.fmr_targets]
+        paucs = ["unsupported" if k in comparison.unsupported else _num(row["pauc"].get(k), 5) for k in keys]
         out.append(
             [
                 row["method"],
@@ -75,6 +77,8 @@ def markdown(comparisons: list[TableComparison], settings: CompareSettings) -> s
         lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
         lines += ["| " + " | ".join(cells) + " |" for cells in table_cells(comp, settings)]
         lines.append("")
+        lines += [f"- EDC at {key.upper()}: {why}" for key, why in comp.unsupported.items()]
+        lines += [""] if comp.unsupported else []
     lines.append(_notes(settings))
     return "\n".join(lines) + "\n"
 
@@ -92,17 +96,14 @@ def write_figures(
     comparison: TableComparison, out_dir: str | os.PathLike, settings: CompareSettings
 ) -> list[Path]:
     """One EDC PNG per FMR target (all methods on the same axes) and the risk-controlled accuracy PNG."""
-    from facepipe.eval.edc_report import edc_plot_name, plot_edc
+    from facepipe.eval.edc_report import plot_edc_targets
     from facepipe.eval.report import plot_risk
 
     out = Path(out_dir) / comparison.name
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for per in comparison.edc.values():
-        alpha = per["ideal"].fmr_target
-        title = f"{comparison.name}: EDC at FMR={alpha:g}, all methods (cosine comparator)"
-        path = out / edc_plot_name(alpha)
-        paths.append(plot_edc(per, path, title, settings.edc.discard_limit, settings.edc.population))
+    detail = ", all methods (cosine comparator)"
+    section = comparison.edc_section
+    paths = plot_edc_targets(section, comparison.edc, out, comparison.name, settings.edc, detail)
     title = f"{comparison.name}: accuracy vs rejection"
     paths.append(plot_risk(comparison.risk_curves, out / "risk.png", title))
     return paths
@@ -134,6 +135,7 @@ def render_html(
             for cells in table_cells(comp, settings)
         )
         parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        parts += [f"<p>EDC at {k.upper()}: {html.escape(why)}</p>" for k, why in comp.unsupported.items()]
         parts += [_img(p, f"{comp.name}: {p.stem}") for p in figures.get(comp.name, [])]
     parts += [f"<p>{html.escape(_notes(settings))}</p>", "</body></html>"]
     return "\n".join(parts) + "\n"

@@ -12,6 +12,13 @@ measure against a fixed comparator). Per-image qualities, higher = better:
   *quality*, not the ideal *curve*: the ideal curve discards the errors themselves).
 
 A pair's quality is the lower of its two images'.
+
+**Supported FMR targets.** The threshold at FMR α lets ``k = ⌊α·n_I⌋`` impostor comparisons through
+(see :mod:`facepipe.eval.edc`). With fewer than ``1/α`` impostor comparisons ``k = 0``: τ is the top
+impostor score whatever α is, so the "curve at α" is the curve at FMR 0 of this pair set, the same for
+every target that small. Such a target is *unsupported*: metrics.json marks it (``unsupported``: the
+reason; per method ``supported: false`` and ``pauc: null``, no curve) and its PNG says so in the title
+instead of drawing curves.
 """
 
 from __future__ import annotations
@@ -76,30 +83,66 @@ def image_qualities(features) -> dict[str, np.ndarray]:
     return out
 
 
+def fmr_key(fmr_target: float) -> str:
+    """The key of one FMR target in the ``edc`` entry and in the results (``"fmr=0.001"``)."""
+    return f"fmr={fmr_target:g}"
+
+
+def unsupported_reason(n_impostor: int, fmr_target: float) -> str | None:
+    """Why ``n_impostor`` comparisons cannot fix a threshold at FMR ``fmr_target`` (None: they can).
+
+    The rule of :func:`facepipe.eval.edc.threshold_at_fmr`: it needs ``⌊α·n_I⌋ ≥ 1``, i.e. at least
+    ``1/α`` impostor comparisons; below that the threshold is the top impostor score for any α.
+    """
+    if int(np.floor(fmr_target * n_impostor)) >= 1:
+        return None
+    return (
+        f"unsupported: {n_impostor} impostor comparisons < 1/FMR = {1.0 / fmr_target:g} "
+        "(the threshold would sit at the top impostor score)"
+    )
+
+
 def edc_section(
     cos: np.ndarray, issame: np.ndarray, qualities: dict[str, np.ndarray], settings: EdcSettings
 ) -> tuple[dict, dict[str, dict[str, EDCResult]]]:
-    """(the ``edc`` entry of metrics.json, the results keyed by FMR target then method)."""
+    """(the ``edc`` entry of metrics.json, the results keyed by FMR target then method).
+
+    Only supported FMR targets have results (curves); the entry lists the others under
+    ``unsupported`` with the reason, and each method's entry for them is ``supported: false``,
+    ``pauc: null``.
+    """
+    n_impostor = int((~np.asarray(issame, dtype=bool)).sum())
+    unsupported = {
+        fmr_key(a): why for a in settings.fmr_targets if (why := unsupported_reason(n_impostor, a))
+    }
     pair_q = {name: np.minimum(q[0::2], q[1::2]) for name, q in qualities.items()}
+    supported = [a for a in settings.fmr_targets if fmr_key(a) not in unsupported]
     results = edc_report(
         cos,
         issame,
         pair_q,
-        settings.fmr_targets,
+        supported,
         settings.discard_limit,
         settings.discard_max,
         settings.population,
     )
-    methods: dict[str, dict] = {}
-    for key, per in results.items():
-        for name, res in per.items():
-            methods.setdefault(name, {})[key] = res.metrics()
+    names = [*qualities, *REFERENCE_LINES]
+    methods: dict[str, dict] = {name: {} for name in names}
+    for alpha in settings.fmr_targets:
+        key = fmr_key(alpha)
+        for name in names:
+            if key in unsupported:
+                methods[name][key] = {"fmr_target": alpha, "supported": False, "pauc": None}
+            else:
+                methods[name][key] = {**results[key][name].metrics(), "supported": True}
     section = {
         "score": "cosine",
         "pair_quality": "min of the two images",
         "discard_limit": settings.discard_limit,
         "population": settings.population,
         "fmr_targets": list(settings.fmr_targets),
+        "n_impostor": n_impostor,
+        "unsupported": unsupported,
         "methods": methods,
     }
     return section, results
@@ -136,8 +179,43 @@ def plot_edc(
     return save_png(plt, fig, Path(path))
 
 
+def plot_unsupported(path: str | os.PathLike, title: str, reason: str) -> Path:
+    """The PNG of an unsupported FMR target: no curves, the title and the reason say why."""
+    from facepipe.eval.plots import figure, save_png
+
+    plt, fig, ax = figure(9.6, 4.8)
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, reason.replace(" (", "\n("), ha="center", va="center", wrap=True)
+    ax.set_title(title)
+    return save_png(plt, fig, Path(path))
+
+
 def edc_plot_name(fmr_target: float) -> str:
     return f"edc_fmr_{fmr_target:g}.png"
+
+
+def plot_edc_targets(
+    section: dict,
+    results: dict[str, dict[str, EDCResult]],
+    out_dir: str | os.PathLike,
+    label: str,
+    settings: EdcSettings,
+    detail: str = " (cosine comparator)",
+) -> list[Path]:
+    """One PNG per FMR target of an :func:`edc_section`: the curves, or the unsupported notice.
+
+    Titles read ``"<label>: EDC at FMR=<α><detail>"``, or ``"<label>: EDC at FMR=<α> unsupported"``.
+    """
+    paths = []
+    for alpha in settings.fmr_targets:
+        key, path = fmr_key(alpha), Path(out_dir) / edc_plot_name(alpha)
+        head = f"{label}: EDC at FMR={alpha:g}"
+        if key in results:
+            plot = plot_edc(results[key], path, head + detail, settings.discard_limit, settings.population)
+            paths.append(plot)
+        else:
+            paths.append(plot_unsupported(path, f"{head} unsupported", section["unsupported"][key]))
+    return paths
 
 
 def write_edc(
@@ -151,14 +229,4 @@ def write_edc(
     """The EDC part of a pair-table report: (metrics ``edc`` entry, one PNG per FMR target)."""
     settings = settings or EdcSettings()
     section, results = edc_section(cos, issame, image_qualities(features), settings)
-    paths = [
-        plot_edc(
-            per,
-            Path(out_dir) / edc_plot_name(per["ideal"].fmr_target),
-            f"{name}: EDC at FMR={per['ideal'].fmr_target:g} (cosine comparator)",
-            settings.discard_limit,
-            settings.population,
-        )
-        for per in results.values()
-    ]
-    return section, paths
+    return section, plot_edc_targets(section, results, out_dir, name, settings)

@@ -10,14 +10,14 @@ where each class should sit; the triplet term then spreads classes apart and the
 each one compact). Mining: `hardest` uses, for every anchor, its farthest positive and nearest
 negative; otherwise every (anchor, positive) pair takes its semi-hard negative (the nearest negative
 farther than the positive, else the nearest one).
+The loop and the driver are the shared ones (`facepipe.train.loop`, `facepipe.train.stage`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,12 @@ import numpy as np
 from facepipe import tracking
 from facepipe.config import Config
 from facepipe.data.loader import decode_rows, normalise, shard_units
-from facepipe.data.sampling import epoch_plan, unit_labels, windows
 from facepipe.errors import FacepipeError
 from facepipe.models.bundle import load_bundle, save_bundle
-from facepipe.train import backbone as backbone_stage  # the shared stage pieces live there for now
-from facepipe.train.checkpoint import load_training_state, save_training_state
 from facepipe.train.features import verify_pairs
-from facepipe.train.nonfinite import stop_on_nonfinite
-from facepipe.train.ray_job import launch_stage, set_threads, worker_context
+from facepipe.train.loop import StageLoop, UnitPlan
+from facepipe.train.ray_job import TrainOutcome
+from facepipe.train.stage import StageDriver, StageResult
 
 
 def pairwise_sq_dist(x: Any) -> Any:
@@ -83,151 +81,101 @@ def centre_loss(embeddings: Any, labels: Any, centres: Any, scale: float, weight
     return weight * scale * (1.0 - cos).mean()
 
 
-def finetune_worker(cfg: dict[str, Any]) -> None:
-    import ray.train
-    import torch
+class FinetuneLoop(StageLoop):
+    section = "finetune"
 
-    set_threads()
-    config = Config.model_validate(cfg["config"])
-    ft = config.finetune
-    rank, world, node = worker_context()
-    events = backbone_stage.EventLog(cfg.get("events_path"))
-    torch.manual_seed(ft.seed)
-    backbone, info, centres = load_bundle(cfg["bundle"])
-    if centres is None:
-        raise FacepipeError("fine-tuning needs the class centres saved with the backbone")
-    centres = centres.float()
-    scale = float(info.extra.get("margin_s", config.train_backbone.margin.s))
-    units = shard_units(cfg["image_shards"])
-    labels = unit_labels(units)
-    total_rows = sum(u.rows for u in units)
-    groups = windows(units, min(8192, max(total_rows // (2 * world), 1)))
-    pk = (ft.classes_per_batch, ft.images_per_class)
-    steps_per_epoch = len(epoch_plan(labels, groups, 0, ft.seed, rank, world, pk, 0))
-    if steps_per_epoch == 0:
-        raise FacepipeError("the data gives no P×K batch per worker: lower classes_per_batch")
-    total_steps = ft.epochs * steps_per_epoch
-    if ft.max_steps:
-        total_steps = min(total_steps, ft.max_steps)
-    backbone.train()
-    model = ray.train.torch.prepare_model(backbone)
-    inner = getattr(model, "module", model)
-    optimizer = backbone_stage.build_optimizer([p for p in model.parameters() if p.requires_grad], ft.optim)
-    scheduler = backbone_stage.build_scheduler(
-        optimizer, total_steps, int(ft.optim.warmup_epochs * steps_per_epoch), ft.optim.poly_power
-    )
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state, meta = load_training_state(directory)
-        inner.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(meta["step"])
-    events.write(event="start", rank=rank, world=world, pid=os.getpid(), node=node, step=step)
-    metrics_log = (
-        tracking.MetricLogger(cfg.get("tracking_uri"), cfg.get("run_id"))
-        if rank == 0
-        else tracking.MetricLogger(None, None)
-    )
-    size, colour = tuple(info.input_size), info.color_order
+    def setup(self) -> None:
+        import ray.train.torch
 
-    def load(plan_batch: np.ndarray, flips: np.ndarray) -> tuple[Any, Any]:
+        ft = self.settings
+        backbone, self.info, centres = load_bundle(self.cfg["bundle"])
+        if centres is None:
+            raise FacepipeError("fine-tuning needs the class centres saved with the backbone")
+        self.centres = centres.float().to(self.device)
+        self.scale = float(self.info.extra.get("margin_s", self.config.train_backbone.margin.s))
+        self.units = shard_units(self.cfg["image_shards"])
+        pk = (ft.classes_per_batch, ft.images_per_class)
+        self.plan = UnitPlan(self.units, ft.seed, self.rank, self.world, pk, 0)
+        self.model = ray.train.torch.prepare_model(backbone)
+        # one decode thread: the next batch is decoded while this one trains
+        self.pool = cf.ThreadPoolExecutor(1, thread_name_prefix="facepipe-finetune-decode")
+        self.plan_training(self.model.parameters(), self.plan.steps_per_epoch)
+
+    def load(self, plan_batch: np.ndarray, flips: np.ndarray) -> tuple[Any, Any]:
+        import torch
+
+        units = self.units
         pieces = [
             (units[int(u)].path, units[int(u)].row_group, plan_batch[plan_batch[:, 0] == u, 1])
             for u in np.unique(plan_batch[:, 0])
         ]
-        images, lab = decode_rows(pieces, flips, size, colour)
-        return normalise(images), torch.from_numpy(lab)
+        images, labels = decode_rows(pieces, flips, tuple(self.info.input_size), self.info.color_order)
+        return normalise(images), torch.from_numpy(labels)
 
-    last = float("nan")
-    with cf.ThreadPoolExecutor(1, thread_name_prefix="facepipe-finetune-decode") as pool:
-        while step < total_steps:
-            epoch, first = divmod(step, steps_per_epoch)
-            plan = epoch_plan(labels, groups, epoch, ft.seed, rank, world, pk, 0)
-            rng = np.random.default_rng([ft.seed, epoch, rank])
-            flips = [rng.random(len(b)) < 0.5 for b in plan]
-            pending = pool.submit(load, plan[first], flips[first])
-            for index in range(first, steps_per_epoch):
-                images, lab = pending.result()
-                if index + 1 < steps_per_epoch:  # decode the next batch while this one trains
-                    pending = pool.submit(load, plan[index + 1], flips[index + 1])
-                emb = model(images)
-                trip, terms = triplet_loss(emb, lab, ft.triplet_margin, ft.hardest)
-                loss = trip + centre_loss(emb, lab, centres, scale, ft.centre_weight)
-                where = f"epoch {epoch}, batch {index} (step {step + 1}, rank {rank})"
-                if stop_on_nonfinite(loss, where, cfg, rank, step, events):
-                    metrics_log.flush()
-                    return  # every rank together; the driver raises the recorded error (no Ray retry)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), ft.optim.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                last = float(loss.detach())
-                if rank == 0:
-                    events.write(event="step", step=step, loss=last)
-                    metrics_log.log(
-                        {"train/loss": last, **{f"train/{k}": float(v) for k, v in terms.items()}}, step
-                    )
-                if step >= total_steps:
-                    break
-            final = step >= total_steps
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    save_training_state(
-                        tmp,
-                        {
-                            "model": inner.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                        },
-                        {"step": step},
-                    )
-                    if final:
-                        save_bundle(Path(tmp) / "bundle", inner, info, centres)
-                ray.train.report(
-                    {"train/loss": last, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
-                )
-    metrics_log.flush()
+    def batches(self, epoch: int, first: int) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        plan = self.plan.epoch(epoch)
+        rng = np.random.default_rng([self.settings.seed, epoch, self.rank])
+        flips = [rng.random(len(b)) < 0.5 for b in plan]
+        if first >= len(plan):
+            return
+        pending = self.pool.submit(self.load, plan[first], flips[first])
+        for index in range(first, len(plan)):
+            batch = pending.result()
+            if index + 1 < len(plan):
+                pending = self.pool.submit(self.load, plan[index + 1], flips[index + 1])
+            yield index, batch
+
+    def train_step(self, batch: tuple[Any, ...]) -> tuple[Any, dict[str, Any]]:
+        ft = self.settings
+        images, labels = batch
+        emb = self.model(images)
+        trip, terms = triplet_loss(emb, labels, ft.triplet_margin, ft.hardest)
+        return trip + centre_loss(emb, labels, self.centres, self.scale, ft.centre_weight), terms
+
+    def save_artifacts(self, directory: Path, final: bool) -> None:
+        if self.rank == 0 and final:
+            save_bundle(directory / "bundle", self.inner, self.info, self.centres)
+
+    def close(self) -> None:
+        if hasattr(self, "pool"):
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class FinetuneStage(StageDriver):
+    title, kind, job_type, register_as = "facepipe train finetune", "finetune", "finetune", "backbone"
+
+    def __init__(self, config: Config, backbone_uri: str | None, **options: Any) -> None:
+        super().__init__(config, **options)
+        self.bundle_dir = tracking.resolve_bundle(
+            backbone_uri or config.finetune.backbone_uri,
+            config.tracking,
+            Path(config.paths.runs).resolve() / self.name / "start",
+        )
+
+    def scaling(self) -> Any:
+        return self.config.finetune.scaling
+
+    def entry(self) -> Any:
+        return FinetuneLoop.entry
+
+    def stage_config(self) -> dict[str, Any]:
+        return {"bundle": str(Path(self.bundle_dir).resolve()), "image_shards": self.data.shards}
+
+    def evaluate(self, outcome: TrainOutcome, run_id: str | None) -> StageResult:
+        bundle = Path(outcome.checkpoint_path) / "bundle"
+        backbone, info, _ = load_bundle(bundle)
+        size, colour, folds = tuple(info.input_size), info.color_order, self.config.eval.folds
+        return StageResult(run_id, bundle, verify_pairs(backbone, self.data.shards_dir, size, colour, folds))
 
 
 def finetune(
     config: Config,
     shards_dir: str | os.PathLike | None = None,
     backbone_uri: str | None = None,
-    run_name: str | None = None,
-    register: bool = True,
-    events_path: str | os.PathLike | None = None,
-    track: bool = True,
-) -> Any:
-    """Fine-tune a backbone (triplet + centre term); registers it as a new `facepipe-backbone` version."""
-    ft = config.finetune
-    data = backbone_stage.resolve_data(shards_dir or config.paths.shards)
-    name = run_name or f"finetune-{time.strftime('%Y%m%d-%H%M%S')}"
-    bundle_dir = tracking.resolve_bundle(
-        backbone_uri or ft.backbone_uri, config.tracking, Path(config.paths.runs).resolve() / name / "start"
-    )
-    run_id = tracking.start_run(config, "finetune", data.shards_dir, "finetune", name) if track else None
-    stage_config = {"bundle": str(Path(bundle_dir).resolve()), "image_shards": data.shards}
-    status = "FAILED"
-    try:
-        outcome = launch_stage(finetune_worker, config, ft.scaling, name, run_id, stage_config, events_path)
-        bundle = Path(outcome.checkpoint_path) / "bundle"
-        backbone, info, _ = load_bundle(bundle)
-        metrics = verify_pairs(
-            backbone, data.shards_dir, tuple(info.input_size), info.color_order, config.eval.folds
-        )
-        result = backbone_stage.StageResult(run_id, bundle, metrics, seconds=outcome.seconds)
-        if track:
-            tracking.log_metrics(config.tracking, run_id, metrics, step=int(outcome.metrics.get("step", 0)))
-            if register:
-                result.model = tracking.log_and_register(config.tracking, run_id, "backbone", bundle, metrics)
-        status = "FINISHED"
-    finally:
-        if track and run_id:
-            tracking.end_run(config.tracking, run_id, status)
-    backbone_stage.print_stage_summary("facepipe train finetune", name, result, "bundle", bundle, None)
-    return result
+    **options: Any,
+) -> StageResult:
+    """Fine-tune a backbone (triplet + centre term); registers it as a new `facepipe-backbone` version.
+
+    `options`: `run_name`, `register`, `events_path`, `track`, as `StageDriver` takes them.
+    """
+    return FinetuneStage(config, backbone_uri, shards_dir=shards_dir, **options).run()

@@ -3,8 +3,9 @@
 A NaN/inf loss is deterministic: raising it inside a worker would make Ray restart the worker group
 from the last checkpoint up to `max_failures` times, hitting the same batch each time. Instead:
 
-1. every rank sums a "my loss is non-finite" flag over the process group (`all_agree`), so all ranks
-   take the same decision at the same step and none is left waiting in a collective;
+1. every rank sums a "my loss is non-finite" flag over the process group (`all_agree`, called by
+   `facepipe.train.loop`), so all ranks take the same decision at the same step and none is left
+   waiting in a collective;
 2. a rank whose own loss is bad writes `nonfinite-rank{r}.json` into the run's error directory
    (`record_nonfinite`), and every rank returns normally from its loop;
 3. after `fit()` the driver raises the recorded error (`raise_recorded_failure`), lowest rank first.
@@ -18,7 +19,6 @@ from typing import Any
 
 from facepipe.errors import NonFiniteLossError
 from facepipe.fsutil import write_json_atomic
-from facepipe.train.collective import all_agree
 
 RECORD_GLOB = "nonfinite-rank*.json"
 
@@ -39,18 +39,6 @@ def record_nonfinite(loss: Any, where: str, error_dir: str | Path, rank: int, st
     except NonFiniteLossError as err:
         write_json_atomic(Path(error_dir) / f"nonfinite-rank{rank}.json", {"message": str(err), "step": step})
         events.write(event="nonfinite", rank=rank, step=step + 1, message=str(err))
-
-
-def stop_on_nonfinite(loss: Any, where: str, cfg: dict[str, Any], rank: int, step: int, events: Any) -> bool:
-    """True when any rank's loss is non-finite: the caller must then return from its loop.
-
-    Collective: every rank must call it at the same step. `cfg["error_dir"]` is the run's error
-    directory (set by `launch_stage`); `step` is the number of optimiser steps done so far.
-    """
-    (bad,) = all_agree([nonfinite_flag(loss)])
-    if bad:
-        record_nonfinite(loss, where, cfg["error_dir"], rank, step, events)
-    return bool(bad)
 
 
 def clear_records(error_dir: Path) -> None:

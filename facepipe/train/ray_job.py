@@ -1,9 +1,9 @@
 """Running a training loop on Ray Train: cluster attach, Train configs, per-worker helpers.
 
-The stages (`backbone.py`, `uncertainty.py`, `finetune.py`) each define a per-worker loop function and
-call `launch_stage`, which adds the keys every loop reads (config, MLflow run, events file, error
-directory), attaches Ray and calls `run_training`, which wraps the loop in a `TorchTrainer` (Ray Train
-v2) with:
+The stage driver (`stage.py`) runs a stage's per-worker loop (a `loop.StageLoop` subclass of
+`backbone.py`, `head.py` or `finetune.py`) through `launch_stage`, which adds the keys every loop reads
+(config, MLflow run, events file, error directory), attaches Ray and calls `run_training`, which wraps
+the loop in a `TorchTrainer` (Ray Train v2) with:
 
 * `ScalingConfig` from the config (workers, GPUs, CPUs per worker),
 * `RunConfig(storage_path, name)`: re-running with the same name resumes the run from its latest
@@ -195,16 +195,6 @@ def worker_context() -> tuple[int, int, str]:
 
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size(), ray.get_runtime_context().get_node_id()
-
-
-def worker_device(use_gpu: bool) -> Any:
-    import torch
-
-    if use_gpu and torch.cuda.is_available():
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-    return torch.device("cpu")
 
 
 def set_threads() -> None:

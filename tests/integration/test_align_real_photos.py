@@ -199,7 +199,7 @@ def test_end_to_end_cli_shards_read_like_decoded_shards(faces_dir, manifest, tmp
     assert set(batch.labels.tolist()) <= {0, 1, 2}
     # The backbone stage finds the shards, the class count and the validation pairs.
     from facepipe.data.shards import pair_tables
-    from facepipe.train.backbone import resolve_data
+    from facepipe.train.stage import resolve_data
 
     data = resolve_data(out)
     assert data.num_classes == 3 and data.num_images == len(entries) and len(data.shards) == len(shards)

@@ -17,8 +17,12 @@ TINY = [
     "synth.identities=30", "synth.images_per_identity=6", "synth.pairs=100", "synth.workers=1",
     "decode.workers=1", "train_backbone.epochs=1", "train_backbone.batch_size=32",
     "train_uncertainty.epochs=1", "train_uncertainty.classes_per_batch=8",
-    "train_uncertainty.images_per_class=2",
+    "train_uncertainty.images_per_class=2", "train_uncertainty.batch_size=32",  # DUL: plain batches
+    # 50 impostor pairs per table: FMR 0.05 fixes a threshold, 0.001 cannot (< 1/FMR) and is marked so
+    "eval.edc_fmr_targets=[0.05, 0.001]",
 ]  # fmt: skip
+METHODS = ("probface", "dul")  # two heads (one the registry's fourth method) keep the tiny run short
+ROWS = {*METHODS, "feature_norm", "random", "true_degradation", "ideal", "random_expected"}
 
 
 def _children_named(workdir: Path) -> list[str]:
@@ -34,7 +38,8 @@ def _children_named(workdir: Path) -> list[str]:
 
 
 def _demo(workdir: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "facepipe", "demo", "--workdir", str(workdir), "--methods", "probface"]
+    cmd = [sys.executable, "-m", "facepipe", "demo", "--workdir", str(workdir)]
+    cmd += ["--methods", ",".join(METHODS)]
     for item in TINY:
         cmd += ["--set", item]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1200, stdin=subprocess.DEVNULL)
@@ -46,12 +51,15 @@ def test_demo_runs_twice_and_stops_its_services(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
     assert "facepipe demo finished" in first.stdout
     assert "facepipe-backbone v1" in first.stdout and "facepipe-probface v1" in first.stdout
+    assert "facepipe-dul v1" in first.stdout
     assert "champion" in first.stdout and "mlflow ui" in first.stdout
     assert "prefect server start" in first.stdout
     summary = json.loads((workdir / "reports" / "demo-summary.json").read_text())
-    assert {m["name"] for m in summary["models"]} == {"facepipe-backbone", "facepipe-probface"}
+    names = {"facepipe-backbone", "facepipe-probface", "facepipe-dul"}
+    assert {m["name"] for m in summary["models"]} == names
     assert summary["data_version"]  # the raw dataset was versioned with DVC
     assert list((workdir / "reports").glob("facepipe-probface-v1/plots/*/roc.png"))
+    _check_comparison_report(workdir, summary, first.stdout)
     assert _children_named(workdir) == []
 
     second = _demo(workdir)
@@ -60,4 +68,27 @@ def test_demo_runs_twice_and_stops_its_services(tmp_path):
     stages = summary["stages"]
     # nothing changed: the data and training stages are reused, not redone
     assert all(stages[name] == "up to date" for name in stages if not name.startswith("benchmark")), stages
+    _check_comparison_report(workdir, summary, second.stdout)
     assert _children_named(workdir) == []
+
+
+def _check_comparison_report(workdir: Path, summary: dict, stdout: str) -> None:
+    """The heads and the baselines side by side: HTML + markdown named in the summary, one row each."""
+    html = Path(summary["comparison_report"])
+    assert html == workdir / "reports" / "comparison" / "comparison.html" and html.is_file()
+    md = html.with_suffix(".md")
+    assert f"Comparison report (heads + baselines, EDC / risk / accuracy): {html}" in stdout
+    assert f"markdown table: {md}" in stdout
+    tables = json.loads(html.with_name("comparison.json").read_text())
+    assert set(tables) == {"synth_val", "synth_hard"}
+    for name, table in tables.items():
+        rows = {row["method"]: row for row in table["rows"]}
+        assert len(table["rows"]) == len(rows) and set(rows) == ROWS, rows
+        assert all(row["pauc"]["fmr=0.05"] is not None for row in rows.values())
+        assert all(row["pauc"]["fmr=0.001"] is None for row in rows.values())  # unsupported
+        assert f"{name} EDC pAUC at FMR=0.05 (lower is better): " in stdout
+        section = f"## {name} ({table['n_pairs']} pairs)"
+        block = md.read_text().split(section)[1].split("\n## ")[0]
+        assert len([line for line in block.splitlines() if line.startswith("| ")]) == 1 + len(ROWS)
+        assert "EDC at FMR=0.001: unsupported" in block
+    assert "data:image/png;base64," in html.read_text()

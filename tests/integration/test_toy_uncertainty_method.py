@@ -90,7 +90,7 @@ def toy_method():
 
 
 def test_toy_method_trains_and_evaluates(toy_method, ray_cluster, sample_dataset, tmp_path):
-    from facepipe.train.uncertainty import train_uncertainty
+    from facepipe.train.head import train_uncertainty
 
     assert "toy" in registry.method_names() and toy_method.model_name == "facepipe-toy"
     config = small_config(sample_dataset, tmp_path, ray_cluster.address)

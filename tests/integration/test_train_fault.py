@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from facepipe.train.backbone import read_events, train_backbone
+from facepipe.train.backbone import train_backbone
+from facepipe.train.stage import read_events
 from tests.integration.conftest import small_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from facepipe.errors import NonFiniteLossError
-from facepipe.train.backbone import read_events
+from facepipe.train.stage import read_events
 from tests.integration.conftest import small_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -32,7 +32,7 @@ def backbone_bundle(sample_dataset, tmp_path_factory) -> Path:
 
     from facepipe.models.bundle import BundleInfo, save_bundle
     from facepipe.models.registry import build_backbone
-    from facepipe.train.backbone import resolve_data
+    from facepipe.train.stage import resolve_data
 
     data = resolve_data(sample_dataset / "shards")
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def assert_stopped_once(err: pytest.ExceptionInfo, events_path: Path, workers: i
 def test_head_stage_stops_on_nonfinite_loss_without_retry(
     ray_cluster, sample_dataset, fine_grained_shards, backbone_bundle, tmp_path
 ):
-    from facepipe.train.uncertainty import train_uncertainty
+    from facepipe.train.head import train_uncertainty
 
     config = small_config(sample_dataset, tmp_path, ray_cluster.address)
     config.paths.shards = str(fine_grained_shards)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from facepipe import tracking
-from facepipe.train.backbone import read_events, train_backbone
+from facepipe.train.backbone import train_backbone
+from facepipe.train.stage import read_events
 from tests.integration.conftest import small_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,7 +29,7 @@ def trained(ray_cluster, sample_dataset, tmp_path_factory):
 @pytest.mark.parametrize(("method", "cache"), [("probface", True), ("scf", False)])
 def test_head_trains_on_champion_and_registers(trained, method, cache):
     config, tmp = trained
-    from facepipe.train.uncertainty import train_uncertainty
+    from facepipe.train.head import train_uncertainty
 
     config.train_uncertainty.cache_features = cache
     config.train_uncertainty.max_steps = 6
@@ -64,7 +65,7 @@ def test_feature_cache_matches_recomputing_and_is_reused(sample_dataset, tmp_pat
     from facepipe.models.registry import build_backbone
     from facepipe.train.feature_source import CachedFeatures, RecomputedFeatures
     from facepipe.train.features import cache_features, cache_info, cached_shards
-    from facepipe.train.uncertainty import head_loss
+    from facepipe.train.head import head_loss
     from facepipe.uncertainty import get_method
     from facepipe.uncertainty.head_io import build_head_model
 

@@ -18,14 +18,14 @@ from facepipe.cli import main
 from facepipe.data.shards import write_manifest, write_pair_table
 from tests.unit.test_evaluate_model import _bundle, _png
 
-N_PAIRS = 80
-METHODS = ("probface", "pfe", "scf")
+N_PAIRS = 200  # 100 impostor pairs: FMR 0.01 and 0.1 are supported, 0.001 is not (< 1/FMR)
+METHODS = ("probface", "pfe", "scf", "dul")
 ROWS = {*METHODS, "feature_norm", "random", "true_degradation", "ideal", "random_expected"}
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    """Three heads on the same (seed 0) backbone compared on a pair table with degradation columns."""
+    """Four heads on the same (seed 0) backbone compared on a pair table with degradation columns."""
     root = tmp_path_factory.mktemp("compare")
     rng = np.random.default_rng(0)
     shards = root / "shards"
@@ -43,7 +43,7 @@ def compared(tmp_path_factory):
     overrides = [
         "eval.folds=5",
         "eval.batch_size=32",
-        "eval.edc_fmr_targets=[0.01, 0.1]",
+        "eval.edc_fmr_targets=[0.01, 0.1, 0.001]",
         f"tracking.tracking_uri=sqlite:///{db}",
         f"tracking.artifact_location={root / 'artifacts'}",
     ]
@@ -66,15 +66,25 @@ def test_report_has_one_row_per_method_and_baseline(compared):
     assert by_name["true_degradation"]["spearman_degradation"] == pytest.approx(1.0)
     assert by_name["ideal"].get("accuracy") is None
     # the heads' score differs from the cosine baselines' and is named in the row
-    assert {by_name[m]["score"] for m in METHODS} == {"mls_probface", "mls_pfe", "scf"}
+    assert {by_name[m]["score"] for m in METHODS} == {"mls_probface", "mls_pfe", "scf", "dul"}
+    # 100 impostor pairs cannot fix a threshold at FMR 0.001: no number, the reason instead
+    assert all(row["pauc"]["fmr=0.001"] is None for row in rows)
+    assert all(row["pauc"]["fmr=0.01"] is not None for row in rows)
     md = (out / "comparison.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(ROWS) and "EDC pAUC@FMR=0.01" in table[0]
+    assert all(line.split(" | ")[-2] == "unsupported" for line in table[1:])  # the FMR=0.001 column
+    assert "100 impostor comparisons < 1/FMR = 1000" in md
     assert {p.name for p in (out / "synth_val").iterdir()} == {
         "edc_fmr_0.01.png",
         "edc_fmr_0.1.png",
+        "edc_fmr_0.001.png",
         "risk.png",
     }
+    edc = json.loads((out / "models" / "dul" / "synth_val" / "metrics.json").read_text())["edc"]
+    assert edc["n_impostor"] == N_PAIRS // 2 and list(edc["unsupported"]) == ["fmr=0.001"]
+    assert edc["methods"]["dul"]["fmr=0.001"] == {"fmr_target": 0.001, "supported": False, "pauc": None}
+    assert edc["methods"]["dul"]["fmr=0.01"]["supported"] and len(edc["methods"]["dul"]["fmr=0.01"]["fnmr"])
     for m in METHODS:
         assert (out / "models" / m / "synth_val" / "metrics.json").is_file()
 
@@ -92,6 +102,8 @@ def test_comparison_run_in_mlflow(compared):
     files = {a.path for a in mlc.list_artifacts(run.info.run_id, "comparison")}
     assert {"comparison/comparison.html", "comparison/comparison.md", "comparison/comparison.json"} <= files
     assert "synth_val.probface.pauc_fmr_0.01" in run.data.metrics
+    assert "synth_val.dul.pauc_fmr_0.01" in run.data.metrics
+    assert not any(k.endswith("pauc_fmr_0.001") for k in run.data.metrics)  # unsupported: no number
     assert run.data.metrics["synth_val.scf.accuracy"] == pytest.approx(
         {r["method"]: r for r in json.loads((out / "comparison.json").read_text())["synth_val"]["rows"]}[
             "scf"
@@ -155,7 +167,7 @@ def test_page_renders_every_figure_in_headless_chromium(compared, tmp_path):
     text = page.read_text()
     assert "<script" not in text and "http" not in text  # static: no scripts, nothing fetched
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
-    assert len(embedded) == 3  # two EDC plots and the risk plot
+    assert len(embedded) == 4  # three EDC plots (one an unsupported notice) and the risk plot
     for data in embedded:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -170,7 +182,7 @@ def test_page_renders_every_figure_in_headless_chromium(compared, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     decoded = re.search(r'data-decoded="([01]*)"', dom.stdout)
     assert decoded is not None, dom.stdout[:2000]
-    assert decoded.group(1) == "111"
+    assert decoded.group(1) == "1111"
     assert "feature_norm" in dom.stdout and "true_degradation" in dom.stdout
 
     shot = tmp_path / "page.png"

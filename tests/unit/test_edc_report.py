@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from facepipe.cli import main
-from facepipe.eval.edc_report import EdcSettings, image_qualities, write_edc
+from facepipe.eval.edc_report import EdcSettings, image_qualities, unsupported_reason, write_edc
 from facepipe.eval.features import save_features
 from tests.unit.test_evaluate_cli import _pair_table
 from tests.unit.test_report import _is_png, synthetic_features
@@ -57,3 +57,31 @@ def test_cli_takes_targets_and_population_from_config(tmp_path):
     assert curve["fmr"][0] <= 0.05 and 0.0 <= curve["pauc"] <= 0.1
     assert (out / "edc_fmr_0.05.png").is_file()
     assert main([*argv, "eval.edc_population=some"]) == 2  # a typed field: a typo is an error
+
+
+def test_fmr_target_needs_one_over_fmr_impostor_comparisons(tmp_path):
+    """Below 1/FMR impostor comparisons the threshold sits at the top impostor score for any such FMR:
+    the target is marked unsupported (no curve, pAUC null, the PNG says so) instead of plotted."""
+    from facepipe.eval.edc import threshold_at_fmr
+
+    assert unsupported_reason(1000, 1e-3) is None and unsupported_reason(100, 0.01) is None
+    assert "999 impostor comparisons < 1/FMR = 1000" in unsupported_reason(999, 1e-3)
+    f = synthetic_features()  # 300 impostor pairs: 0.01 is supported, 1e-3 and 1e-4 are not
+    fused = f.embeddings + f.flipped
+    fused /= np.linalg.norm(fused, axis=1, keepdims=True)
+    cos = np.einsum("ij,ij->i", fused[0::2], fused[1::2])
+    top_impostor = cos[~f.issame].max()
+    assert threshold_at_fmr(cos, f.issame, 1e-3) == threshold_at_fmr(cos, f.issame, 1e-4) == top_impostor
+    section, paths = write_edc(cos, f.issame, f, tmp_path, "small", EdcSettings((0.01, 1e-3, 1e-4)))
+    alone, _ = write_edc(cos, f.issame, f, tmp_path / "alone", "small", EdcSettings((0.01,)))
+    assert section["n_impostor"] == 300
+    assert sorted(section["unsupported"]) == ["fmr=0.0001", "fmr=0.001"]
+    assert "300 impostor comparisons < 1/FMR = 10000" in section["unsupported"]["fmr=0.0001"]
+    for name, per in section["methods"].items():
+        assert per["fmr=0.001"] == {"fmr_target": 0.001, "supported": False, "pauc": None}
+        # the supported target is computed exactly as on its own
+        assert per["fmr=0.01"] == alone["methods"][name]["fmr=0.01"] and per["fmr=0.01"]["supported"]
+        assert per["fmr=0.01"]["pauc"] is not None
+    assert [p.name for p in paths] == ["edc_fmr_0.01.png", "edc_fmr_0.001.png", "edc_fmr_0.0001.png"]
+    assert all(_is_png(p) for p in paths)
+    json.dumps(section, allow_nan=False)  # null, not NaN, in metrics.json

@@ -59,6 +59,7 @@ def test_evaluate_features_with_pair_table(inputs, tmp_path, capsys):
         "det.png",
         "risk.png",
         "uncertainty_hist.png",
+        "edc_fmr_0.01.png",  # the repo's params.yaml: eval.edc_fmr_targets
         "edc_fmr_0.001.png",
         "edc_fmr_0.0001.png",
     }

@@ -77,7 +77,7 @@ def test_a_process_in_another_directory_finds_the_drivers_run(tmp_path, monkeypa
 def test_metrics_out_is_parsed_and_written(tmp_path):
     from facepipe.cli import build_parser
     from facepipe.commands.train import write_metrics_file
-    from facepipe.train.backbone import StageResult
+    from facepipe.train.stage import StageResult
 
     for stage in ("backbone", "uncertainty"):
         args = build_parser().parse_args(["train", stage, "--metrics-out", "m.json", "seed=1"])
