@@ -35,9 +35,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_override(token: str) -> bool:
+    """Whether `token` is a configuration override: `section.key=value` naming a key of the config.
+
+    Only a known key counts, so a path or an option's value that happens to hold `=` is not taken.
+    """
+    from pydantic import BaseModel
+
+    from facepipe.config import Config
+
+    key, sep, _ = token.partition("=")
+    if not sep or token.startswith("-"):
+        return False
+    model: type[BaseModel] = Config
+    parts = key.strip().split(".")
+    for depth, part in enumerate(parts, 1):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            model = kind  # a section: the key goes on
+            continue
+        # a plain key ends the path; a mapping (`extra`, `heads`) takes any keys below it
+        return depth == len(parts) or getattr(kind, "__origin__", None) is dict
+    return False  # a whole section is not a key
+
+
+def _gather_overrides(args: argparse.Namespace, argv: list[str], leftovers: list[str]) -> str | None:
+    """Put overrides from anywhere on the line into `args.overrides`; the error for anything else.
+
+    argparse fills a trailing `overrides` positional only before the first option, and an optional
+    positional (register's SOURCE) swallows an override, so both are collected here, in line order
+    (a later override wins).
+    """
+    unknown = [t for t in leftovers if not is_override(t)]
+    if unknown:
+        bad = next((t for t in unknown if "=" in t and not t.startswith("-")), None)
+        if bad is not None:
+            return f"{bad.partition('=')[0]!r} is not a configuration key (override {bad!r})"
+        return f"unrecognized arguments: {' '.join(unknown)}"
+    if not hasattr(args, "overrides"):
+        return f"this command takes no configuration overrides: {' '.join(leftovers)}" if leftovers else None
+    found = list(args.overrides) + leftovers
+    for name, value in vars(args).items():
+        if name != "overrides" and isinstance(value, str) and is_override(value):
+            setattr(args, name, None)  # an optional positional that caught an override
+            found.append(value)
+    # line order; stable for a token given twice
+    args.overrides = sorted(found, key=lambda t: argv.index(t) if t in argv else len(argv))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, leftovers = parser.parse_known_args(argv)
+    problem = _gather_overrides(args, argv, leftovers)
+    if problem is not None:
+        print(f"facepipe {args.command}: error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from facepipe.errors import FacepipeError
 
@@ -57,10 +57,29 @@ class AlignConfig(Section):
 
 
 class MarginConfig(Section):
+    """The margin head; an unset s / m is the chosen head's own default (its paper's values).
+
+    One shared `m` used to reach every head, so A-Softmax silently trained with CosFace's 0.35. Now the
+    order is: explicit `s` / `m` > `heads[name]` (settings kept for one head only) > the head's default.
+    """
+
     name: str = "cosface"
-    s: float = 30.0
-    m: float = 0.35
+    s: float | None = None
+    m: float | None = None
+    heads: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per head: {s, m, …} used only for it
     extra: dict[str, Any] = Field(default_factory=dict)  # head-specific keyword arguments
+
+    @model_validator(mode="before")
+    @classmethod
+    def _head_settings(cls, data: Any) -> Any:
+        # the chosen head's own entry fills s / m unless set explicitly (None counts as unset); its other
+        # keys join `extra`, where an explicit key wins too
+        if not isinstance(data, dict):
+            return data
+        chosen = dict((data.get("heads") or {}).get(data.get("name", "cosface")) or {})
+        own = {k: chosen.pop(k) for k in ("s", "m") if k in chosen}
+        filled = {k: v for k, v in own.items() if data.get(k) is None}
+        return {**data, **filled, "extra": {**chosen, **(data.get("extra") or {})}}
 
 
 class BackboneConfig(Section):

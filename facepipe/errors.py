@@ -23,6 +23,7 @@ class DataError(FacepipeError):
         if record is not None:
             where.append(f"record {record}")
         super().__init__(f"{message} ({', '.join(where)})" if where else message)
+        self.message = message  # what is wrong, without the location (callers may re-locate it)
         self.path = path
         self.record = record
 

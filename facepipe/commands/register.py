@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from facepipe.commands.choices import MethodChoices
 from facepipe.errors import FacepipeError
@@ -34,8 +36,36 @@ def register(subparsers) -> None:
     parser.add_argument("--show", action="store_true", help="list versions and aliases")
     parser.add_argument("--champion", default=None, metavar="VERSION", help="give VERSION the champion alias")
     parser.add_argument("--config", default=None, help="parameters file (default: ./params.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="configuration overrides")
     parser.set_defaults(func=run)
+
+
+def show_lines(mlc: Any, name: str, metric: str) -> list[str]:
+    """One line per version, newest first: version, aliases, run id, the champion metric, created (UTC).
+
+    Aliases come from the registered model: `search_model_versions` leaves them out on some stores.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from facepipe import tracking
+
+    try:
+        by_version: dict[str, list[str]] = {}
+        for alias, version in (mlc.get_registered_model(name).aliases or {}).items():
+            by_version.setdefault(str(version), []).append(alias)
+        versions = mlc.search_model_versions(f"name='{name}'")
+    except MlflowException as err:
+        raise FacepipeError(f"no registered model {name!r} at this tracking URI: {err.message}") from err
+    lines = [f"{name}: {len(versions)} version(s); {metric} is the champion metric"]
+    for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        aliases = ",".join(sorted(by_version.get(str(version.version), []))) or "-"
+        value = version.tags.get(tracking.METRIC_TAG + metric, "-")
+        created = datetime.fromtimestamp(version.creation_timestamp / 1000, tz=UTC)
+        lines.append(
+            f"  v{version.version:<4} aliases={aliases:<20} run={version.run_id or '-'}  "
+            f"{metric}={value}  created={created:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,10 +80,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: champion -> version {args.champion}")
         return 0
     if args.show:
-        for version in mlc.search_model_versions(f"name='{name}'"):
-            aliases = ",".join(getattr(version, "aliases", []) or [])
-            metric = version.tags.get(tracking.METRIC_TAG + config.tracking.champion_metric, "-")
-            print(f"{name} v{version.version}  {config.tracking.champion_metric}={metric}  {aliases}")
+        for line in show_lines(mlc, name, config.tracking.champion_metric):
+            print(line)
         return 0
     if not args.source:
         raise FacepipeError("give a bundle folder to register (or --show / --champion VERSION)")

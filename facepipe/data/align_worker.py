@@ -20,6 +20,7 @@ from facepipe.data.align_geometry import align_face, get_template
 from facepipe.data.align_plan import ChunkTask, list_identity_files
 from facepipe.data.image_header import image_format, size_problem
 from facepipe.errors import DataError, FacepipeError
+from facepipe.fsutil import escape_name
 
 __all__ = ["REJECT_REASONS", "rejects_schema", "chunk_paths", "ChunkAligner", "align_chunk"]
 
@@ -213,13 +214,9 @@ def align_chunk(task: ChunkTask) -> dict:
     return aligner.write()
 
 
-def _printable(rel: str) -> str:
-    """File names that are not valid UTF-8 arrive with surrogate escapes, which Arrow strings refuse."""
-    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
 def _process_file(aligner: ChunkAligner, key: int, label: int, path: str, landmarks: dict) -> None:
-    rel = _printable(path)
+    # names that are not UTF-8 arrive with surrogate escapes, which Arrow refuses: escaped losslessly
+    rel = escape_name(path)
     full = os.path.join(aligner.task.source, path)
     try:
         problem = _not_a_plain_file(aligner.task.source, full)
@@ -247,7 +244,7 @@ def _not_a_plain_file(source: str, full: str) -> tuple[str, str] | None:
     if not stat.S_ISLNK(mode):
         kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
         return "not_a_file", f"{kind}, not a regular file"
-    target = _printable(os.readlink(full))
+    target = escape_name(os.readlink(full))
     try:
         os.stat(full)
     except OSError as err:

@@ -26,23 +26,28 @@ __all__ = ["UNINDEXED_KEY", "check_outside_images", "first_problem", "gap_reject
 UNINDEXED_KEY = -1  # the rejects table's key for a record the index does not list
 
 
-def unindexed_records(buf, start: int, stop: int, path: str, base: int = 0) -> list[str]:
-    """A reason for each record in `buf[start:stop]` (the file from `base` on): none of them is indexed."""
+def unindexed_records(buf, start: int, stop: int, path: str, base: int = 0) -> list[tuple[int, str]]:
+    """(offset in the file, reason) for each record in `buf[start:stop]` (the file from `base` on): none of
+    them is indexed."""
     found = []
     pos = start
     while pos < stop:
         try:
             _, end = read_record_at(buf, pos, path, end=stop, base=base)
         except DataError:
-            found.append(f"{stop - pos} bytes at offset {pos + base} are not in the index, nor a record")
+            at = pos + base
+            found.append((at, f"{stop - pos} bytes at offset {at} are not in the index, nor a record"))
             break
-        found.append(f"record at offset {pos + base} is not in the index")
+        found.append((pos + base, f"record at offset {pos + base} is not in the index"))
         pos = end
     return found
 
 
-def _as_rejects(dataset: str, reasons: list[str]) -> list[dict]:
-    return [{"source": dataset, "key": UNINDEXED_KEY, "reason": reason} for reason in reasons]
+def _as_rejects(dataset: str, found: list[tuple[int, str]]) -> list[dict]:
+    return [
+        {"source": dataset, "key": UNINDEXED_KEY, "reason": reason, "offset": offset}
+        for offset, reason in found
+    ]
 
 
 def unindexed_error(path: str, offset: int, after: object = None) -> DataError:

@@ -70,14 +70,15 @@ def write_rejects(out: Path, rejects: list[dict], keep_file: bool) -> bool:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from facepipe.data.shards import REJECT_SCHEMA
+    from facepipe.data.shards import DECODE_REJECT_SCHEMA
     from facepipe.fsutil import atomic_path
 
     path = out / "rejects.parquet"
     if not (keep_file or rejects):
         path.unlink(missing_ok=True)
         return False
-    table = pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA) if rejects else REJECT_SCHEMA.empty_table()
+    schema = DECODE_REJECT_SCHEMA
+    table = pa.Table.from_pylist(rejects, schema=schema) if rejects else schema.empty_table()
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return True

@@ -269,7 +269,9 @@ def _convert_chunk(
         if problem is not None:  # unindexed bytes: named after the range's bad records, if any
             unindexed.append(problem)
     for i in sorted(reasons):
-        rejects.append({"source": task["dataset"], "key": int(keys[i]), "reason": reasons[i]})
+        rejects.append(
+            {"source": task["dataset"], "key": int(keys[i]), "reason": reasons[i], "offset": int(offsets[i])}
+        )
     if parsed.gaps:
         rejects += gap_rejects(parsed.gaps, region, avail, task["rec_path"], base, task["dataset"])
     keep = np.ones(len(keys), dtype=bool)

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from facepipe.data.decode_hashing import AppendHasher
+from facepipe.data.image_header import DEFAULT_MAX_PIXELS, size_problem
 from facepipe.errors import DataError
 from facepipe.fsutil import atomic_path, write_json_atomic
 
@@ -28,6 +29,7 @@ __all__ = [
     "TRAIN_SCHEMA",
     "PAIR_SCHEMA",
     "REJECT_SCHEMA",
+    "DECODE_REJECT_SCHEMA",
     "MANIFEST_NAME",
     "ShardWriter",
     "binary_lengths",
@@ -79,6 +81,9 @@ REJECT_SCHEMA = pa.schema(
         pa.field("reason", pa.string(), nullable=False),
     ]
 )
+# decode's rejects also give where the record starts in its .rec (null for a .bin pair image, whose
+# pickle has no per-image offsets): the byte offset in the file, never in a chunk
+DECODE_REJECT_SCHEMA = REJECT_SCHEMA.append(pa.field("offset", pa.int64(), nullable=True))
 
 
 def _writer_options(schema: pa.Schema) -> dict:
@@ -416,10 +421,13 @@ def decode_images(
     images: Sequence[bytes] | pa.Array | pa.ChunkedArray,
     color_order: str = "RGB",
     size: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Decode encoded images into one uint8 array of shape (N, H, W, 3) in the requested colour order.
 
     `size` = (height, width) resizes images that differ; without it all images must share one shape.
+    An image whose header declares more than `max_pixels` is refused before it is decoded (a few-KB
+    PNG can declare gigabytes of pixels).
     """
     import cv2
 
@@ -431,6 +439,9 @@ def decode_images(
     for i, data in enumerate(images):
         pixels = None
         if data:
+            refusal = size_problem(data, max_pixels)
+            if refusal is not None and refusal[0] == "too_large":
+                raise DataError(refusal[1], None, i)
             pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
         if pixels is None:
             raise DataError("undecodable image", None, i)

@@ -24,7 +24,7 @@ def decode_images_of(
         return decode_images(images, color_order, size)
     except DataError as err:
         row = first_row + (err.record or 0)
-        raise DataError("image does not decode", path=source, record=f"row {row}") from err
+        raise DataError(f"image refused: {err.message}", path=source, record=f"row {row}") from err
 
 
 def _input_memory_format(backbone: Any) -> Any:

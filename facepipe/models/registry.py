@@ -44,6 +44,9 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "mobilefacenet_tiny": partial(mobilefacenet, "mobilefacenet_tiny"),
 }
 
+# Each constructor's s / m defaults are its paper's (ArcFace s=64 m=0.5, CosFace s=64 m=0.4, A-Softmax
+# m=4, AdaFace s=64 m=0.4 h=0.333, CurricularFace s=64 m=0.5): `train_backbone.margin` leaves a key unset
+# (None) to use them, so switching heads never carries another head's margin.
 MARGIN_HEADS: dict[str, Callable[..., MarginHead]] = {
     "softmax": NormFace,
     "normface": NormFace,

@@ -33,14 +33,14 @@ from facepipe.train.ray_job import TrainOutcome
 from facepipe.train.stage import DataInfo, StageDriver, StageResult
 
 
-def margin_head_kwargs(name: str, s: float, m: float, extra: dict[str, Any]) -> dict[str, Any]:
-    """s and m for heads whose constructor takes them, then head-specific extras."""
+def margin_head_kwargs(name: str, s: float | None, m: float | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """s and m for heads whose constructor takes them (None: the head's own default), then extras."""
     from facepipe.models.registry import MARGIN_HEADS
 
     factory = MARGIN_HEADS.get(name)
     target = getattr(factory, "func", factory)
     accepted = set(inspect.signature(target).parameters) if target is not None else set()
-    kwargs = {k: v for k, v in (("s", s), ("m", m)) if k in accepted}
+    kwargs = {k: v for k, v in (("s", s), ("m", m)) if k in accepted and v is not None}
     kwargs.update(extra)
     return kwargs
 
@@ -100,6 +100,7 @@ class BackboneLoop(StageLoop):
             )
         else:
             head = build_margin_head(tb.margin.name, **sizes, **head_kwargs)
+        self.margin_s = float((margin if self.partial_fc else head).s)  # the scale in effect, default or set
         # NHWC: oneDNN's convolutions with few channels run several times faster than NCHW on CPU
         self.memory_format = torch.channels_last if tb.channels_last else torch.contiguous_format
         self.backbone = backbone.to(memory_format=self.memory_format)
@@ -169,7 +170,7 @@ class BackboneLoop(StageLoop):
                 self.data.color_order,
                 self.data.num_classes,
                 tb.margin.name,
-                {"margin_s": tb.margin.s, "step": self.step},
+                {"margin_s": self.margin_s, "step": self.step},
             )
             save_bundle(directory / "bundle", self.backbone, info, centres)
         if self.partial_fc:

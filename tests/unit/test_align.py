@@ -29,6 +29,7 @@ from facepipe.data.align import (
 from facepipe.data.landmarks import load_landmarks, normalise_key, parse_landmark_line
 from facepipe.data.shards import TRAIN_SCHEMA, decode_images
 from facepipe.errors import DataError, FacepipeError
+from facepipe.fsutil import unescape_name
 
 ARCFACE = np.array(TEMPLATES["arcface"].points)
 
@@ -326,7 +327,9 @@ def test_odd_file_names_and_out_inside_src(tmp_path):
     result = run_align(src, tmp_path / "out", AlignSettings(), landmarks_file=marks)
     assert result["aligned"] == 1 and result["rejected"] == 1
     reject = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()[0]
-    assert reject["source_path"] == "a/caf\ufffd.txt" and reject["reason"] == "not_an_image"
+    # the Latin-1 byte is kept losslessly (issue 18: `\xe9` escaped, not replaced by U+FFFD)
+    assert reject["source_path"] == "a/caf\\xe9.txt" and reject["reason"] == "not_an_image"
+    assert unescape_name(reject["source_path"]) == b"a/caf\xe9.txt"
 
 
 @pytest.mark.slow  # three CLI processes: ~10-20 s on a busy 2-core machine

@@ -124,4 +124,8 @@ def test_identity_folder_name_that_is_not_utf8(tmp_path):
     labels = json.loads(raw.decode("utf-8"))  # strict UTF-8, no lone surrogates
     assert "\\ud" not in raw.decode() and sorted(labels.values()) == [0, 1]
     assert {unescape_name(key): label for key, label in labels.items()} == {b"a": 0, name: 1}
-    assert np.isin(1, _read(tmp_path / "out")["label"].to_numpy())
+    rows = _read(tmp_path / "out")
+    assert np.isin(1, rows["label"].to_numpy())
+    # the shards keep each image's original path losslessly too
+    sources = rows["source_path"].to_pylist()
+    assert sorted(unescape_name(p) for p in sources) == [b"a/000.jpg", name + b"/000.jpg"]

@@ -79,6 +79,7 @@ def test_every_reported_offset_is_the_records_offset_in_the_file(
         decode_dataset([src], Path(tmp) / "out", workers=1, skip_bad=True, **kwargs)
         (reject,) = rejects(Path(tmp) / "out")
         assert reject["key"] == key and reported_offsets(reject["reason"]) == {offset}
+        assert reject["offset"] == offset  # the rejects table's own column, whatever the reason says
 
 
 # ------------------------------------------------------------------ 2. --skip-bad never stops on one
@@ -118,13 +119,15 @@ def test_all_bad_input_ends_with_empty_set_full_rejects_and_nonzero_exit(tmp_pat
 
 def test_empty_index_beside_records(tmp_path, capsys):
     src = make_source(tmp_path / "src", n_classes=2, per_class=2, pairs=0)
-    records = len(offsets_of(src))
+    indexed = offsets_of(src)
+    records = len(indexed)
     (src / "train.idx").write_text("")
     with pytest.raises(DataError, match=r"index lists fewer records than the file holds.*offset 0"):
         decode_dataset([src], tmp_path / "out", workers=1)
     assert main(["decode", str(src), str(tmp_path / "skip"), "--skip-bad"]) == 2
     found = rejects(tmp_path / "skip")
     assert len(found) == records and {r["key"] for r in found} == {UNINDEXED_KEY}
+    assert sorted(r["offset"] for r in found) == sorted(indexed.values())  # each record, where it starts
     assert "training set is empty" in capsys.readouterr().err
 
 
@@ -189,6 +192,7 @@ def test_records_outside_the_image_ranges_are_not_dropped(tmp_path, where):
         "source": "src",
         "key": UNINDEXED_KEY,
         "reason": f"record at offset {offset} is not in the index",
+        "offset": offset,
     }
     assert manifest["num_images"] == 4
 

@@ -188,3 +188,25 @@ def test_verbose_keeps_the_traceback(monkeypatch, capsys, caplog):
     assert main(["-v"]) == 1
     assert "RuntimeError: worker state lost" in capsys.readouterr().err
     assert "Traceback" in caplog.text and "in boom" in caplog.text
+
+
+# ------------------------------------------- 8. evaluation's images: refused from the header, never decoded
+
+
+def test_evaluation_refuses_a_pixel_bomb_before_decoding(monkeypatch):
+    """Evaluation and the feature cache embed pair-table images through `decode_images_of`: a 30000x30000
+    PNG header is refused by size (file and row named), and cv2 never sees its bytes."""
+    from facepipe.models.embed import decode_images_of
+    from tests.unit.test_bad_input_decode import png_header_only
+
+    good = cv2.imencode(".jpg", np.full((12, 12, 3), 90, np.uint8))[1].tobytes()
+    bomb = png_header_only(30000, 30000)
+    decoded = []
+    real = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda buf, flags: decoded.append(len(buf)) or real(buf, flags))
+    with pytest.raises(DataError, match=r"30000x30000 = 900000000 pixels.*file pairs/lfw\.parquet.*row 41"):
+        decode_images_of([good, bomb, good], (12, 12), "RGB", "pairs/lfw.parquet", first_row=40)
+    assert decoded == [len(good)]
+    # an ordinary undecodable image still names the file and row, with what went wrong
+    with pytest.raises(DataError, match=r"image refused: undecodable image.*row 42"):
+        decode_images_of([good, good, b"\xff\xd8junk"], (12, 12), "RGB", "pairs/lfw.parquet", first_row=40)

@@ -133,6 +133,8 @@ class ASoftmax(MarginHead):
             if value is not None:
                 params[key] = float(value)
         self.schedule = params
+        if int(m) != m or m < 1:  # int() used to turn another head's m=0.35 into a silent m=0
+            raise ValueError(f"A-Softmax m must be a whole number >= 1 (the paper's is 4), got {m!r}")
         self.m, self.phi = int(m), phi
         self.register_buffer("it", torch.zeros((), dtype=torch.long))
 
