@@ -6,8 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 LOCKTOOL := $(PYTHON) tools/lockfile.py
-# --no-compile: Python byte-compiles modules when first imported; compiling all ~260 packages up
-# front took ~40% of the install's CPU time here.
+# pytest workers for `make test` (CI has 2 cores)
+TEST_WORKERS ?= 2
+# pip compiles on one core; compileall (below) does the same on every core. Compiled files matter:
+# where PYTHONDONTWRITEBYTECODE is set (as on CI), nothing is ever cached at import, and every process
+# that imports mlflow + torch + ray recompiled them from source (~20-35 s of CPU each, measured).
 PIP_INSTALL := $(PY) -m pip install --quiet --no-deps --require-hashes --no-compile
 
 .PHONY: demo test lint venv lock lock-check system-deps
@@ -24,6 +27,8 @@ $(STAMP): $(LOCK)
 	$(PIP_INSTALL) -r $(VENV)/torch.lock
 	$(PIP_INSTALL) -r $(LOCK)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@# like pip, skip files that do not compile (templates for other Python versions); not the tests
+	-$(PY) -m compileall -q -j 0 -x '/tests?/' $(VENV)/lib > /dev/null
 	$(PY) -m pip check
 	touch $(STAMP)
 
@@ -38,9 +43,12 @@ demo: lock-check $(STAMP)
 system-deps:
 	@bash infra/scripts/install-system-deps.sh
 
+# Two pytest workers, whole files each (a file's fixtures, e.g. its Prefect server, start once), in
+# collection order (tests/conftest.py puts files with slow tests first): the integration tests spend
+# much of their time waiting on services, so the second core is otherwise idle.
 test: lock-check $(STAMP) system-deps
 	$(PY) -m ruff check facepipe flows tests bench tools
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=40 tests
 
 lint: lock-check $(STAMP)
 	$(PY) -m ruff check facepipe flows tests bench tools

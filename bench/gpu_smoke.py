@@ -1,6 +1,6 @@
 """GPU smoke run: every training stage and evaluation for a few steps on a generated dataset.
 
-    python bench/gpu_smoke.py [--device cuda|cpu] [--steps N] [--keep DIR]
+    python bench/gpu_smoke.py [--device cuda|cpu] [--steps N] [--keep DIR] [--methods pfe,probface]
 
 On a CUDA machine (the default device) it generates a small sample dataset, decodes it, and runs
 through Ray Train (one worker, `use_gpu=True`): the backbone stage with AMP and PartialFC, every
@@ -164,12 +164,11 @@ def measured_loop(loop: Any, peak_dir: str) -> Any:
     return run
 
 
-def train_stages(config: Any, shards: Path, root: Path) -> tuple[dict[str, Any], Path]:
-    """Backbone, every registered head, fine-tune; their numbers and the fine-tuned bundle."""
+def train_stages(config: Any, shards: Path, root: Path, methods: list[str]) -> tuple[dict[str, Any], Path]:
+    """Backbone, the heads of `methods`, fine-tune; their numbers and the fine-tuned bundle."""
     from facepipe.train.backbone import train_backbone
     from facepipe.train.finetune import finetune
     from facepipe.train.head import train_uncertainty
-    from facepipe.uncertainty.registry import method_names
 
     peak_dir = root / "peaks"
     peak_dir.mkdir()
@@ -194,7 +193,7 @@ def train_stages(config: Any, shards: Path, root: Path) -> tuple[dict[str, Any],
         stages["backbone"]["amp"] = config.train_backbone.amp and config.train_backbone.scaling.use_gpu
         stages["backbone"]["partial_fc"] = True
         bundle = str(backbone.bundle_dir)
-        for method in method_names():
+        for method in methods:
             measure(
                 f"head_{method}",
                 lambda m=method: train_uncertainty(
@@ -236,10 +235,15 @@ def evaluate_stage(bundle: Path, shards: Path, device: str) -> dict[str, Any]:
     }
 
 
-def run_smoke(device: str, steps: int | None, keep: Path | None) -> dict[str, Any]:
+def run_smoke(
+    device: str, steps: int | None, keep: Path | None, methods: list[str] | None = None
+) -> dict[str, Any]:
     import ray
     import torch
 
+    from facepipe.uncertainty.registry import method_names
+
+    methods = methods or method_names()
     size = SIZES[device]
     steps = steps or size["steps"]
     with contextlib.ExitStack() as stack:
@@ -258,7 +262,7 @@ def run_smoke(device: str, steps: int | None, keep: Path | None) -> dict[str, An
         try:
             # the stages' summaries go to stderr: stdout carries only this script's JSON
             with contextlib.redirect_stdout(sys.stderr):
-                stages, tuned = train_stages(config, shards, root)
+                stages, tuned = train_stages(config, shards, root, methods)
         finally:
             ray.shutdown()
         stages["evaluate"] = evaluate_stage(tuned, shards, device)
@@ -282,13 +286,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--steps", type=int, default=None, help="steps per stage (default: per device)")
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temp dir)")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="uncertainty heads to run (comma-separated; default: every registered one)",
+    )
     args = parser.parse_args(argv)
+    methods = args.methods.split(",") if args.methods else None
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps(NO_CUDA))
         return 0
-    print(json.dumps(run_smoke(args.device, args.steps, args.keep)))
+    print(json.dumps(run_smoke(args.device, args.steps, args.keep, methods)))
     return 0
 
 

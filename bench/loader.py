@@ -2,10 +2,17 @@
 
     python bench/loader.py [--shards DIR] [--images 6000] [--batch 128] [--workers 2]
 
-Prints one JSON object: `images_s` (ShardLoader, default mode, an epoch of shuffled, flipped,
-normalised float batches), `baseline_images_s` (two processes, each: pyarrow row-group read,
+Prints one JSON object: `images_s` (ShardLoader, default mode, an epoch of shuffled, flipped uint8
+batches: the float normalisation now runs on the training device, see `cpu_normalise_images_s` for
+its cost on a CPU device), `baseline_images_s` (two processes, each: pyarrow row-group read,
 cv2.imdecode, flip, normalise to float32, over the same shards in the same run), their `ratio`
-(goal >= 0.9), the other loader mode's rate for reference, and `ray_data_images_s`: Ray Data on a
+(goal >= 0.9), and the anchor `decode_only_images_s`: one thread running bare `cv2.imdecode` over the
+same payloads, already in memory; `ratio_vs_decode_only` = loader images/s per decode thread / that
+(goal >= 0.9). Best of `--repeats`, with `*_median` beside. `rss_mb_small` / `rss_mb_large`: peak RSS
+of a fresh process running the loader over the `--images` shards (10 epochs) and over 10x as many
+images written for it (1 epoch: as many batches), same shuffle window (`rss_window_rows`): flat
+when memory does not grow with the dataset.
+Also the other loader mode's rate for reference, and `ray_data_images_s`: Ray Data on a
 local 2-CPU Ray started here (`read_parquet` -> `map_batches` doing the same decode, flip and
 normalise to float NCHW -> `iter_torch_batches`), with `ratio_vs_ray_data` = images_s / that rate,
 and `ray_data_uint8_images_s` / `ratio_vs_ray_data_uint8` for a tuned variant that ships uint8 images
@@ -20,6 +27,8 @@ import argparse
 import contextlib
 import json
 import multiprocessing as mp
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -89,14 +98,79 @@ def baseline(paths: list[Path]) -> float:
         return total / (time.perf_counter() - t0)
 
 
-def loader_rate(paths: list[Path], batch: int, workers: int, mode: str, size: int) -> float:
+def loader_rate(paths: list[Path], batch: int, workers: int, mode: str, size: int) -> tuple[float, int]:
+    """(images/s of one epoch, decode threads or processes the loader ran)."""
     from facepipe.data.loader import ShardLoader
 
     with ShardLoader(paths, batch, (size, size), workers=workers, mode=mode, prefetch=4) as loader:
         next(iter(loader.epoch(99)))  # warm-up (pool start) outside the timing
         t0 = time.perf_counter()
         n = sum(len(b.labels) for b in loader.epoch(0))
-        return n / (time.perf_counter() - t0)
+        return n / (time.perf_counter() - t0), loader.workers
+
+
+def payloads(paths: list[Path]) -> list[np.ndarray]:
+    """Every image's encoded bytes, in memory (the decode-only anchor reads no file)."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for path in paths:
+        for blob in pq.read_table(path, columns=["image"]).column("image").to_pylist():
+            out.append(np.frombuffer(blob, np.uint8))
+    return out
+
+
+def decode_only_rate(blobs: list[np.ndarray]) -> float:
+    """Images/s of one thread doing nothing but `cv2.imdecode` (the per-thread ceiling)."""
+    import cv2
+
+    t0 = time.perf_counter()
+    for blob in blobs:
+        cv2.imdecode(blob, cv2.IMREAD_COLOR)
+    return len(blobs) / (time.perf_counter() - t0)
+
+
+def cpu_normalise_rate(batch: int, size: int) -> float:
+    """Images/s of the device-side normalisation when the device is the CPU (the training thread)."""
+    import torch
+
+    from facepipe.models.preprocess import to_model_input
+
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
+    to_model_input(images)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        to_model_input(images)
+    return 5 * batch / (time.perf_counter() - t0)
+
+
+# RSS sampled at every batch (ru_maxrss would report the import-time peak of torch instead)
+_RSS_CHILD = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from facepipe.data.loader import ShardLoader
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+peak = 0.0
+with ShardLoader(sys.argv[4:], int(sys.argv[2]), window_rows=int(sys.argv[2]) * 2) as loader:
+    for epoch in range(int(sys.argv[3])):
+        for _ in loader.epoch(epoch):
+            peak = max(peak, rss())
+print(peak)
+"""
+
+
+def peak_rss_mb(paths: list[Path], batch: int, epochs: int = 1) -> float:
+    """Peak RSS (MB, sampled per batch) of a fresh process running `epochs` loader epochs over `paths`.
+
+    The small dataset runs 10 epochs, so both sizes decode as many batches: the allocators' pools
+    (glibc arenas, Arrow's mimalloc) fill up over the first few dozen batches and row-group reads
+    whatever the dataset, which is not what is compared.
+    """
+    root = str(Path(__file__).resolve().parents[1])
+    cmd = [sys.executable, "-c", _RSS_CHILD, root, str(batch), str(epochs), *map(str, paths)]
+    return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
 
 
 def _ray_data_decode(batch: dict[str, np.ndarray], as_float: bool = True) -> dict[str, np.ndarray]:
@@ -186,6 +260,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-ray-data", action="store_true", help="skip the Ray Data comparison")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.shards:
@@ -206,32 +281,59 @@ def main() -> None:
         # The loader and its baseline run before Ray starts: a Ray driver's own threads (core worker,
         # log and metrics pollers) share this process with the loader's decode threads but not with
         # the baseline's processes, which would tilt the comparison.
-        base, thread, process, ray_data, ray_data_u8 = [], [], [], [], []
+        rows = sum(u.rows for u in shard_units(paths))
+        blobs = payloads(paths)
+        base, thread, process, decode, ray_data, ray_data_u8 = [], [], [], [], [], []
+        threads = 1
         for _ in range(args.repeats):
             base.append(baseline(paths))
-            thread.append(loader_rate(paths, args.batch, args.workers, "thread", size))
-            process.append(loader_rate(paths, args.batch, args.workers, "process", size))
-        with local_ray(2):
-            ray_data_rate(paths[:1], args.batch)  # warm-up: Ray's worker processes start outside the timing
-            for _ in range(args.repeats):
-                ray_data.append(ray_data_rate(paths, args.batch))
-                ray_data_u8.append(ray_data_rate(paths, args.batch, as_float=False))
-        rows = sum(u.rows for u in shard_units(paths))
+            rate, threads = loader_rate(paths, args.batch, args.workers, "thread", size)
+            thread.append(rate)
+            decode.append(decode_only_rate(blobs))
+            process.append(loader_rate(paths, args.batch, args.workers, "process", size)[0])
+        per_thread = [r / threads for r in thread]
+        large = write_shards(Path(tmp) / "large", 10 * rows, size=size)
+        rss_small, rss_large = peak_rss_mb(paths, args.batch, 10), peak_rss_mb(large, args.batch)
+        if not args.no_ray_data:
+            with local_ray(2):
+                # warm-up: Ray's worker processes start outside the timing
+                ray_data_rate(paths[:1], args.batch)
+                for _ in range(args.repeats):
+                    ray_data.append(ray_data_rate(paths, args.batch))
+                    ray_data_u8.append(ray_data_rate(paths, args.batch, as_float=False))
+    med = statistics.median
     out = {
         "images": rows,
         "image_size": size,
         "batch": args.batch,
         "workers": args.workers,
+        "decode_threads": threads,
         "images_s": round(max(thread), 1),
+        "images_s_median": round(med(thread), 1),
         "baseline_images_s": round(max(base), 1),
+        "baseline_images_s_median": round(med(base), 1),
         "ratio": round(max(thread) / max(base), 3),
+        "ratio_median": round(med(thread) / med(base), 3),
+        "decode_only_images_s": round(max(decode), 1),
+        "decode_only_images_s_median": round(med(decode), 1),
+        "ratio_vs_decode_only": round(max(per_thread) / max(decode), 3),
+        "ratio_vs_decode_only_median": round(med(per_thread) / med(decode), 3),
+        "cpu_normalise_images_s": round(cpu_normalise_rate(args.batch, size), 1),
         "process_mode_images_s": round(max(process), 1),
         "process_mode_ratio": round(max(process) / max(base), 3),
-        "ray_data_images_s": round(max(ray_data), 1),
-        "ratio_vs_ray_data": round(max(thread) / max(ray_data), 3),
-        "ray_data_uint8_images_s": round(max(ray_data_u8), 1),
-        "ratio_vs_ray_data_uint8": round(max(thread) / max(ray_data_u8), 3),
+        "rss_images_small": rows,
+        "rss_images_large": 10 * rows,
+        "rss_mb_small": round(rss_small, 1),
+        "rss_mb_large": round(rss_large, 1),
+        "rss_window_rows": 2 * args.batch,
     }
+    if ray_data:
+        out |= {
+            "ray_data_images_s": round(max(ray_data), 1),
+            "ratio_vs_ray_data": round(max(thread) / max(ray_data), 3),
+            "ray_data_uint8_images_s": round(max(ray_data_u8), 1),
+            "ratio_vs_ray_data_uint8": round(max(thread) / max(ray_data_u8), 3),
+        }
     print(json.dumps(out))
 
 

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from facepipe.data import synth_baselines as SB
 from facepipe.data import synthetic as S
 
 
@@ -62,7 +63,7 @@ def _load_written(folder: str, set_names: list[str]) -> tuple[list[bytes], np.nd
 def _subset_accuracy(scores: np.ndarray, issame: np.ndarray, mask: np.ndarray) -> float | None:
     if mask.sum() < 40:
         return None
-    return S.ten_fold_accuracy(scores[mask], issame[mask])
+    return SB.ten_fold_accuracy(scores[mask], issame[mask])
 
 
 def _build_model(width: int = 32, emb: int = 128):
@@ -180,9 +181,9 @@ def train_and_score(
         hard = np.array([r["hard_negative"] for r in pair_set.rows])
         clean = (da < S.CLEAN_MAX) & (db < S.CLEAN_MAX)
         degraded = (da > S.DEGRADED_MIN) | (db > S.DEGRADED_MIN)
-        thr, _ = S.best_threshold(scores, issame)
+        thr, _ = SB.best_threshold(scores, issame)
         result[pair_set.name] = {
-            "cnn_acc": S.ten_fold_accuracy(scores, issame),
+            "cnn_acc": SB.ten_fold_accuracy(scores, issame),
             "cnn_clean_acc": _subset_accuracy(scores, issame, clean),
             "cnn_degraded_acc": _subset_accuracy(scores, issame, degraded),
             "clean_pairs": int(clean.sum()),

@@ -45,6 +45,7 @@ def plain_loop(config, data, steps: int, threads: int) -> float:
     import torch
 
     from facepipe.data.loader import ShardLoader
+    from facepipe.models.preprocess import to_model_input
     from facepipe.models.registry import build_backbone, build_margin_head
     from facepipe.train.backbone import _objective_module, margin_head_kwargs
     from facepipe.train.loop import build_optimizer, build_scheduler
@@ -81,7 +82,7 @@ def plain_loop(config, data, steps: int, threads: int) -> float:
     with loader:
         while step < steps:
             for batch in loader.epoch(step // len(loader), start_batch=step % len(loader)):
-                images = batch.images.contiguous(memory_format=memory_format)
+                images = to_model_input(batch.images, None, memory_format)  # as the stage's `place`
                 loss = objective(images, batch.labels, False)
                 if not torch.isfinite(loss.detach()).all():
                     raise RuntimeError("non-finite loss")

@@ -15,7 +15,20 @@ import sys
 from facepipe.errors import FacepipeError
 
 # Order is the order shown in --help: the pipeline's stages, then the whole job.
-COMMANDS = ["synth", "decode", "align", "train", "evaluate", "compare", "export", "register", "demo"]
+COMMANDS = [
+    "synth",
+    "decode",
+    "align",
+    "train",
+    "evaluate",
+    "protocol",
+    "compare",
+    "export",
+    "register",
+    "verify",
+    "embed",
+    "demo",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,12 +15,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Attach to Ray (`address`: None starts a local instance, else "auto" / "host:port" / "ray://...").
 
     Returns True when this call started or attached Ray (so the caller should shut it down).
+
+    The standard AWS variables set here go to every task and actor of the job (the one place they
+    are forwarded): nodes reach object storage (`s3://` shards, checkpoints) as the driver does.
+    A `ray://` address attaches through the head's Ray Client server.
     """
     import ray
+
+    from facepipe.storage import aws_env
 
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    env = aws_env()
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
     if address:
         kwargs["address"] = address
     else:

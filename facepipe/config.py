@@ -38,6 +38,9 @@ class SynthConfig(Section):
     seed: int = 0
     size: int = 112
     workers: int = 2
+    # template (IJB layout) and video (YTF layout) sets beside the pair tables: "ijb,video", or "" for none
+    protocols: str = "ijb,video"
+    protocol_subjects: int = 20  # identities in each protocol set
 
 
 class DecodeConfig(Section):

@@ -105,3 +105,23 @@ def unescape_name(text: str) -> bytes:
     import codecs
 
     return codecs.escape_decode(text.encode("utf-8"))[0]
+
+
+def absolute_tracking_uri(uri: str | None, base: str | os.PathLike | None = None) -> str | None:
+    """An MLflow tracking URI with a relative local store made absolute against `base` (default: the
+    current directory): Ray Train workers and flow processes run in other directories, where
+    `sqlite:///mlflow.db` or a plain `mlruns` folder would open a different, empty store."""
+    if not uri:
+        return uri
+    root = Path(base) if base is not None else Path.cwd()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path, sep, query = uri[len(prefix) :].partition("?")
+        if path and path != ":memory:":
+            return prefix + str((root / path).resolve()) + sep + query
+        return uri
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return (root / uri[len("file:") :]).resolve().as_uri()
+    if ":" not in uri and uri != "databricks":  # a plain folder
+        return str((root / uri).resolve())
+    return uri

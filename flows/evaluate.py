@@ -1,50 +1,63 @@
-"""`benchmark` flow: score registered models on the verification pair tables.
+"""`benchmark` flow: score registered models on the verification pair tables, then move `champion`.
 
 Each model version is benchmarked once per data version and evaluation settings (the stage marker
-pins both), writing `<paths.reports>/<model>-v<version>/` (metrics JSON + PNG plots); the numbers are
-returned for the pipeline's summary.
+pins both), writing `<paths.reports>/<model>-v<version>/` (metrics JSON + PNG plots). For every model
+name, the versions scored in this run (the ones asked for, plus the current champion and challenger)
+are compared on `tracking.champion_metric` and `champion` goes to the best; the numbers are returned
+for the pipeline's summary.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
+from facepipe.orchestration.registry import benchmark_score
+from facepipe.orchestration.reports import read_metrics, report_dir
+from facepipe.orchestration.settings import FlowSettings
+from facepipe.orchestration.stage_process import StageFailed, cli_supports
 from facepipe.tracking import model_names
-from flows.stages import (
-    FlowSettings,
-    StageFailed,
-    cli_supports,
-    publish_links,
-    registered_model,
-    run_stage,
-)
+from flows.stages import move_champion, publish_links, registered_model, run_stage
 
 
 def benchmark_argv(s: FlowSettings, model_uri: str, data: str, out: str) -> list[str]:
     return ["evaluate", "--model", model_uri, "--shards", data, "--out", out, *s.config_args()]
 
 
+def protocol_argv(s: FlowSettings, model_uri: str, protocol: str, out: str) -> list[str]:
+    return ["evaluate", "--model", model_uri, "--protocol", protocol, "--out", out, *s.config_args()]
+
+
+def protocol_folders(s: FlowSettings) -> dict[str, str]:
+    """The template/video protocol sets `facepipe synth --protocols` wrote beside the raw dataset."""
+    root = Path(s.config.paths.raw) / "protocols"
+    return {kind: str(root / kind) for kind in ("ijb", "video") if (Path(s.workdir) / root / kind).is_dir()}
+
+
 def compare_argv(s: FlowSettings, model_uris: list[str], data: str, out: str) -> list[str]:
     return ["compare", "--models", *model_uris, "--shards", data, "--out", out, *s.config_args()]
 
 
-def report_dir(s: FlowSettings, model: dict[str, Any]) -> str:
-    return str(Path(s.config.paths.reports) / f"{model['name']}-v{model['version']}")
-
-
-def read_metrics(out_dir: Path) -> dict[str, Any]:
-    """The metrics JSON files a benchmark wrote (one per pair table, or one in total), by file stem."""
-    found = {}
-    for path in sorted(out_dir.rglob("*.json")):
-        try:
-            found[str(path.relative_to(out_dir).with_suffix(""))] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-    return found
+def _candidates(s: FlowSettings, models: list[str] | None) -> list[dict[str, Any]]:
+    """The versions to score: those asked for (models:/name/version) or every model's champion, and
+    beside each name its current champion and challenger, so `champion` is decided among them."""
+    uri = s.config.tracking.tracking_uri
+    asked = [m.removeprefix("models:/").partition("/") for m in models or []]
+    names = list(dict.fromkeys(name for name, _, _ in asked)) or list(model_names().values())
+    found: dict[str, dict[str, Any]] = {}
+    for name, _, version in asked:
+        model = registered_model(uri, s.workdir, name, version=version or None)
+        found[model["uri"]] = model
+    for name in names:
+        for alias in ("champion", "challenger"):
+            try:
+                model = registered_model.fn(uri, s.workdir, name, alias=alias)
+            except RuntimeError:
+                continue  # that kind of model (or alias) does not exist yet
+            found.setdefault(model["uri"], model)
+    return list(found.values())
 
 
 @flow(name="benchmark", retries=1, retry_delay_seconds=10, log_prints=True)
@@ -53,12 +66,15 @@ def benchmark(
     params: str = "params.yaml",
     overrides: list[str] | None = None,
     models: list[str] | None = None,
-    alias: str = "champion",
     data: str | None = None,
+    promote: bool = True,
+    run_protocols: bool = True,
 ) -> dict[str, Any]:
-    """Benchmark `models` (models:/name/version URIs), by default every facepipe model's `alias`.
+    """Benchmark `models` (models:/name/version URIs; default every model's champion and challenger)
+    and, with `promote`, give `champion` to each name's best. With `run_protocols`, each version is also
+    scored on the IJB and video sets found beside the raw data (`<report>/ijb`, `<report>/video`).
 
-    Returns {reports: {uri: {dir, metrics, model}}, stages}.
+    Returns {reports: {uri: {dir, metrics, model}}, champions, stages, comparison}.
     """
     s = FlowSettings(workdir, params, overrides)
     if not cli_supports(["evaluate"], "--model"):
@@ -66,21 +82,11 @@ def benchmark(
         print(f"benchmark skipped: {reason}")
         return {"reports": {}, "stages": [], "skipped": reason}
     data = data or s.config.paths.shards
-    uri = s.config.tracking.tracking_uri
-    resolved = []
-    if models:
-        for m in models:
-            name, _, version = m.removeprefix("models:/").partition("/")
-            resolved.append(registered_model(uri, s.workdir, name, version=version or None))
-    else:
-        for name in model_names().values():
-            try:
-                resolved.append(registered_model.fn(uri, s.workdir, name, alias=alias))
-            except RuntimeError:
-                continue  # that kind of model has not been trained yet
+    resolved = _candidates(s, models)
+    protocols = protocol_folders(s) if run_protocols else {}
     reports, stages = {}, []
     for model in resolved:
-        out = report_dir(s, model)
+        out = report_dir(s.config.paths.reports, model)
         stage = run_stage(
             f"benchmark-{model['name']}-v{model['version']}",
             benchmark_argv(s, model["uri"], data, out),
@@ -91,8 +97,35 @@ def benchmark(
             **s.tracking,
         )
         stages.append(stage)
+        for kind, folder in protocols.items():  # IJB 1:1 + 1:N, video set-to-set: each its own report
+            stages.append(
+                run_stage(
+                    f"benchmark-{model['name']}-v{model['version']}-{kind}",
+                    protocol_argv(s, model["uri"], folder, f"{out}/{kind}"),
+                    s.workdir,
+                    deps=[folder],
+                    outs=[f"{out}/{kind}"],
+                    params={"eval": s.section("eval"), "model": model["uri"]},
+                    **s.tracking,
+                )
+            )
         out_dir = Path(s.workdir) / out
         reports[model["uri"]] = {"dir": str(out_dir), "metrics": read_metrics(out_dir), "model": model}
+    champions = {}
+    if promote:
+        metric = s.config.tracking.champion_metric
+        for name in dict.fromkeys(m["name"] for m in resolved):
+            scores = {
+                r["model"]["version"]: benchmark_score(r["metrics"].get("metrics", {}), metric)
+                for r in reports.values()
+                if r["model"]["name"] == name
+            }
+            champions[name] = move_champion(s.config.tracking.tracking_uri, s.workdir, name, scores, metric)
+        for report in reports.values():  # the aliases as they stand after the moves
+            model = report["model"]
+            report["model"] = registered_model.fn(
+                s.config.tracking.tracking_uri, s.workdir, model["name"], version=model["version"]
+            )
     comparison = None
     heads = [m["uri"] for m in resolved if m["name"] != model_names()["backbone"]]
     if heads and cli_supports(["compare"], "--models"):
@@ -107,6 +140,6 @@ def benchmark(
             comparison = str(Path(s.workdir) / out / "comparison.html")
         except StageFailed as err:  # e.g. heads of different backbones: keep the per-model reports
             print(f"comparison report skipped: {err}")
-    links = {"reports": list(reports), "comparison": comparison}
+    links = {"reports": list(reports), "comparison": comparison, "champions": champions}
     publish_links("benchmark", "benchmark: reports and MLflow runs", stages, links)
-    return {"reports": reports, "stages": stages, "comparison": comparison}
+    return {"reports": reports, "champions": champions, "stages": stages, "comparison": comparison}

@@ -12,16 +12,20 @@ from typing import Any
 
 from prefect import flow
 
-from flows.stages import FlowSettings, dvc_version, publish_links, run_stage
+from facepipe.orchestration.settings import FlowSettings
+from flows.stages import dvc_version, publish_links, run_stage
 
 
 def synth_argv(s: FlowSettings) -> list[str]:
     c = s.config.synth
-    return [
+    argv = [
         "synth", s.config.paths.raw,
         "--identities", str(c.identities), "--images-per-identity", str(c.images_per_identity),
         "--pairs", str(c.pairs), "--seed", str(c.seed), "--size", str(c.size), "--workers", str(c.workers),
     ]  # fmt: skip
+    if c.protocols:  # the template (IJB) and video sets the benchmark also scores
+        argv += ["--protocols", c.protocols, "--protocol-subjects", str(c.protocol_subjects)]
+    return argv
 
 
 def decode_argv(s: FlowSettings) -> list[str]:

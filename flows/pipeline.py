@@ -15,10 +15,11 @@ from typing import Any
 from prefect import flow
 
 from facepipe.fsutil import write_json_atomic
+from facepipe.orchestration.settings import FlowSettings
 from flows.evaluate import benchmark
 from flows.ingest import ingest
-from flows.stages import FlowSettings, publish_links
-from flows.train import HEAD_FLOWS, train_backbone
+from flows.stages import publish_links
+from flows.train import HEAD_FLOWS, train_backbone, train_finetune
 
 HEADLINE_KEYS = ("accuracy", "std", "val", "auc", "tar")
 
@@ -55,8 +56,12 @@ def pipeline(
     ray_address: str | None = None,
     num_workers: int | None = None,
     use_gpu: bool | None = None,
+    finetune: bool = True,
 ) -> dict[str, Any]:
     """Run every stage; returns {models, benchmark, reports, data_version, mlflow_runs, summary_path}.
+
+    `finetune`: also fine-tune the backbone with triplets and the centre term (the video model's second
+    stage); the benchmark then scores it beside the backbone it started from.
 
     `methods`: the uncertainty heads to train (default: every registered method). `ray_address`: a Ray
     cluster for the training stages (None: each stage starts local Ray); `num_workers`/`use_gpu`:
@@ -75,14 +80,17 @@ def pipeline(
     backbone = train_backbone(
         **common, data=train_data, ray_address=ray_address, num_workers=num_workers, use_gpu=use_gpu
     )
-    heads = {
-        m: HEAD_FLOWS[m](**common, data=train_data, ray_address=ray_address, run_benchmark=False)
-        for m in methods
-    }
-    models = [backbone["model"], *(h["model"] for h in heads.values())]
+    # the later stages build on the backbone trained here (pinned, not by alias: the benchmark may
+    # move `champion`, and a rerun must find them up to date)
+    later = {**common, "data": train_data, "ray_address": ray_address, "run_benchmark": False,
+             "backbone_version": backbone["model"]["version"]}  # fmt: skip
+    heads = {m: HEAD_FLOWS[m](**later) for m in methods}
+    tuned = train_finetune(**later) if finetune else None
+    models = [backbone["model"], *(h["model"] for h in heads.values()), *([tuned["model"]] if tuned else [])]
     bench = benchmark(**common, models=[m["uri"] for m in models], data=train_data)
 
-    stages = [*data["stages"], backbone["stage"], *(h["stage"] for h in heads.values()), *bench["stages"]]
+    trained = [backbone["stage"], *(h["stage"] for h in heads.values()), *([tuned["stage"]] if tuned else [])]
+    stages = [*data["stages"], *trained, *bench["stages"]]
     # aliases as they stand after the benchmark (it may have moved `champion`)
     current = {r["model"]["uri"]: r["model"] for r in bench["reports"].values()}
     summary = {
@@ -140,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-synthesize", dest="synthesize", action="store_false")
     parser.add_argument("--no-version-data", dest="version_data", action="store_false")
     parser.add_argument("--dvc-remote", default=None)
+    parser.add_argument(
+        "--no-finetune", dest="finetune", action="store_false", help="skip the fine-tune stage"
+    )
     parser.add_argument("--summary-json", default=None, help="also write the summary here")
     args = parser.parse_args(argv)
     summary = pipeline(
@@ -152,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         dvc_remote=args.dvc_remote,
         ray_address=args.ray_address,
         num_workers=args.num_workers,
+        finetune=args.finetune,
     )
     text = json.dumps(summary, indent=2, default=str)
     if args.summary_json:

@@ -37,3 +37,10 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def faces_dir() -> Path:
     return _fixture_dir("FACEPIPE_FACES_DIR", SHARED_FIXTURES / "faces")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with slow tests run first: with `-n 2 --dist loadfile` (make test) a long file that
+    started last would run alone at the end while the other worker idles."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: order within each group kept

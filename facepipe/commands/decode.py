@@ -51,6 +51,11 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--row-group-mb", type=float, default=None, help="row group size (default 4)")
     parser.add_argument(
+        "--address",
+        default=None,
+        help="convert the ranges as Ray tasks on this cluster (host:port, auto, ray://host:10001)",
+    )
+    parser.add_argument(
         "--source-hash",
         choices=list(SOURCE_HASHES),
         default=DEFAULT_SOURCE_HASH,
@@ -80,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         row_group_bytes=int(args.row_group_mb * (1 << 20)) if args.row_group_mb else None,
         source_hash=args.source_hash,
         max_pixels=args.max_pixels,
+        ray_address=args.address,
     )
     shard_bytes = sum(s["bytes"] for s in manifest["shards"])
     lines = {

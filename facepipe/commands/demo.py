@@ -2,7 +2,7 @@
 
 It brings up what a cluster would provide, each started here and stopped again at the end: a Prefect
 server on 127.0.0.1 with SQLite, a local Ray head, MLflow on SQLite and a DVC local remote. Then it runs
-the `pipeline` flow (synth → DVC-version → decode → backbone → uncertainty heads → benchmark →
+the `pipeline` flow (synth → DVC-version → decode → backbone → uncertainty heads → fine-tune → benchmark →
 register) as a child process, so facepipe itself never imports Prefect, and prints a summary. The heads
 are every registered uncertainty method (PFE, ProbFace, SCF, DUL) unless `--methods` names some; the
 benchmark compares them with the quality baselines (`facepipe compare`), and the summary names that
@@ -159,7 +159,7 @@ def _format_summary(summary: dict, workdir: Path, mlflow, seconds: float) -> str
         aliases = ", ".join(model.get("aliases") or []) or "no alias"
         lines.append(f"  {model['name']} v{model['version']}  [{aliases}]")
     lines.append("")
-    lines.append("Benchmark (10-fold verification on the generated pair sets):")
+    lines.append("Benchmark (10-fold verification on the generated pair sets; IJB 1:1 + 1:N and video sets):")
     lines.extend(_benchmark_lines(summary.get("reports", [])))
     if summary.get("benchmark_note"):
         lines.append(f"  ({summary['benchmark_note']})")
@@ -208,6 +208,9 @@ def _benchmark_lines(report_dirs: list[str]) -> list[str]:
         lines.append(f"  {Path(report).name}")
         for metrics_path in sorted(Path(report).glob("*/metrics.json")):
             m = json.loads(metrics_path.read_text())
+            if m.get("name") in ("ijb", "video"):
+                lines.append(f"    {_protocol_line(m, metrics_path.parent)}")
+                continue
             acc = m.get("insightface", {})
             parts = [f"acc {acc.get('accuracy', float('nan')):.3f}±{acc.get('std', float('nan')):.3f}"]
             deg = m.get("degradation") or {}
@@ -227,3 +230,24 @@ def _benchmark_lines(report_dirs: list[str]) -> list[str]:
                     parts.append(f"{score} {accs[0]:.3f}→{accs[-1]:.3f} rejecting {rates[-1]:.0%}")
             lines.append(f"    {m.get('name', metrics_path.parent.name)}: " + "; ".join(parts))
     return lines or ["  (no benchmark reports)"]
+
+
+def _protocol_line(m: dict, folder: Path) -> str:
+    """IJB: 1:1 AUC and TAR at FAR 1e-3, 1:N rank-1 and TPIR at FPIR 0.1 per gallery; video: each fusion's
+    accuracy. Names the report folder."""
+    if m["name"] == "video":
+        fusions = ", ".join(f"{name} {f['accuracy']:.3f}" for name, f in m.get("fusions", {}).items())
+        return f"video (set-to-set, accuracy by fusion): {fusions}  [{folder}]"
+    parts = [f"1:1 AUC {m.get('auc', float('nan')):.3f}"]
+    tar = (m.get("tar_at_far_nearest") or {}).get("1e-03")
+    if tar is not None:
+        parts.append(f"TAR@FAR=1e-3 {tar:.3f}")
+    one_to_n = folder / "identification" / "metrics.json"
+    if one_to_n.is_file():
+        for name, gallery in json.loads(one_to_n.read_text()).get("galleries", {}).items():
+            tpir = (gallery.get("open_set", {}).get("1e-01") or {}).get("tpir")
+            rank1 = gallery["closed_set"].get("rank_1", float("nan"))
+            parts.append(
+                f"{name} rank-1 {rank1:.3f}" + (f", TPIR@FPIR=0.1 {tpir:.3f}" if tpir is not None else "")
+            )
+    return f"ijb: {'; '.join(parts)}  [{folder}]"

@@ -1,7 +1,9 @@
 """`facepipe evaluate`: verification / risk / IJB-style metrics and plots from a features file.
 
     facepipe evaluate --features FEATS.npz [--pairs PAIRS.parquet] [--uncertainty KIND] --out DIR
-    facepipe evaluate --templates IJB.npz --out DIR
+    facepipe evaluate --templates IJB.npz [--protocols 1:1,1:N] [--ranks 1,5,10] [--fpir ...] --out DIR
+    facepipe evaluate --video VIDEO.npz [--fusion METHOD] --out DIR
+    facepipe evaluate --model URI --protocol DIR --out DIR   (a folder of facepipe.data.protocols / synth)
     facepipe evaluate --model models:/facepipe-probface@champion --shards DIR --out DIR [--config P] [k=v ...]
 
 With `--model` (a registered model URI or a local bundle folder), every pair table DIR/pairs/*.parquet is
@@ -12,7 +14,9 @@ OUT/plots/<table>/*.png, and OUT/model.json (what was evaluated).
 The features format is documented in :mod:`facepipe.eval.features`; an IJB-style templates NPZ holds
 ``embeddings`` (N, D), optional ``flipped`` and ``faceness``, ``templates`` and ``medias`` (N,), the
 pair list ``p1``, ``p2``, ``label`` and, for ``--fusion pfe|probface|scf``, ``uncertainty`` (N,) or
-(N, D): σ² for PFE/ProbFace, 1/κ for SCF.
+(N, D): σ² for PFE/ProbFace, 1/κ for SCF. With gallery/probe lists it also runs 1:N identification
+(closed-set CMC, open-set TPIR@FPIR; :mod:`facepipe.commands.evaluate_protocols`); a video NPZ runs
+set-to-set verification with the mean of frames and each uncertainty method's own fusion.
 """
 
 from __future__ import annotations
@@ -41,13 +45,26 @@ def register(subparsers) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--features", type=Path, help="per-image features (.npz or .parquet), pair order")
     src.add_argument("--templates", type=Path, help="IJB-style templates .npz (images, templates, pairs)")
+    src.add_argument("--video", type=Path, help="video .npz (frame features, video ids, video pairs)")
     src.add_argument(
         "--model",
         help="model URI (models:/facepipe-probface@champion, runs:/...) or a local bundle folder",
     )
     parser.add_argument(
-        "--shards", type=Path, help="decoded dataset whose pairs/*.parquet --model is scored on"
+        "--shards",
+        type=_shards_location,
+        help="decoded dataset (folder or URI: s3://bucket/shards) whose pairs/*.parquet --model scores",
     )
+    parser.add_argument(
+        "--protocol", type=Path, help="protocol folder (IJB or video tables) --model is scored on"
+    )
+    parser.add_argument(
+        "--protocols",
+        default=None,
+        help="which of 1:1,1:N a templates input runs (default: everything the data holds)",
+    )
+    parser.add_argument("--ranks", default=None, help="closed-set ranks reported (default 1,5,10)")
+    parser.add_argument("--fpir", default=None, help="open-set FPIR levels (default 0.001,0.01,0.1)")
     parser.add_argument(
         "--config", default=None, help="parameters file for --model (default: ./params.yaml if present)"
     )
@@ -97,7 +114,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model is not None:
         return _run_model(args)
-    if args.features is not None:
+    if args.video is not None:
+        from facepipe.commands.evaluate_protocols import run_video
+
+        metrics, paths = run_video(args, args.video)
+        head = {
+            f"{name} fusion": f"acc {m['accuracy']:.4f} ± {m['std']:.4f}, AUC {m['auc']:.4f}"
+            for name, m in metrics["fusions"].items()
+        }
+    elif args.features is not None:
         metrics, paths = _run_pairs(args)
         head = {
             "accuracy": f"{metrics['insightface']['accuracy']:.5f} ± {metrics['insightface']['std']:.5f}",
@@ -105,10 +130,22 @@ def run(args: argparse.Namespace) -> int:
         }
     else:
         metrics, paths = _run_templates(args)
-        head = {f"TAR@FAR={k}": f"{v:.4f}" for k, v in metrics["tar_at_far_nearest"].items()}
-    lines = head | {p.name: str(p) for p in paths}
+        head = {f"TAR@FAR={k}": f"{v:.4f}" for k, v in metrics.get("tar_at_far_nearest", {}).items()}
+        if "identification" in metrics:
+            ident = metrics["identification"]
+            head |= {f"1:N {k}": f"{v:.4f}" for k, v in ident["closed_set"].items()}
+            head |= {f"TPIR@FPIR={k}": f"{v:.4f}" for k, v in ident.get("open_set", {}).items()}
+    lines = head | {_label(p, args.out): str(p) for p in paths}
     print(summary(f"facepipe evaluate: wrote {len(paths)} files to {args.out}", lines))
     return 0
+
+
+def _label(path: Path, out: Path) -> str:
+    """A written file's name in the summary: its path under --out (identification/metrics.json, ...)."""
+    try:
+        return str(Path(path).relative_to(out))
+    except ValueError:
+        return Path(path).name
 
 
 def _run_pairs(args: argparse.Namespace):
@@ -143,15 +180,17 @@ def _edc_settings(args: argparse.Namespace):
     return EdcSettings.from_config(load_config(args.config, args.overrides).eval)
 
 
-def _run_templates(args: argparse.Namespace):
+def _run_templates(args: argparse.Namespace, data: dict | None = None):
+    from facepipe.commands.evaluate_protocols import run_identification, wants
     from facepipe.eval.ijb import aggregate_insightface, verify_templates
     from facepipe.eval.report import plot_det, plot_roc, write_metrics
     from facepipe.npz import load_npz
 
     path = args.templates
-    if not path.is_file():
-        raise DataError("templates file not found", path=path)
-    data = load_npz(path, "templates")  # names the file on a truncated or non-zip .npz
+    if data is None:
+        if not path.is_file():
+            raise DataError("templates file not found", path=path)
+        data = load_npz(path, "templates")  # names the file on a truncated or non-zip .npz
     missing = [k for k in ("embeddings", "templates", "medias", "p1", "p2", "label") if k not in data]
     if missing:
         raise DataError(f"templates file lacks {missing}", path=path)
@@ -170,16 +209,27 @@ def _run_templates(args: argparse.Namespace):
     except ValueError as err:
         raise DataError(str(err), path=path) from err
     name = args.name or path.stem
-    metrics = {"name": name, "fusion": args.fusion, "n_templates": int(uniq.shape[0]), **res.metrics()}
+    metrics = {"name": name, "fusion": args.fusion, "n_templates": int(uniq.shape[0])}
     out = Path(args.out)
     label = (
         "cosine (InsightFace templates)" if args.fusion == "insightface" else f"{args.fusion} fusion + score"
     )
-    paths = [
-        write_metrics(out, metrics),
-        plot_roc({label: (res.fpr, res.tpr)}, out / "roc.png", f"{name}: template ROC"),
-        plot_det({label: (res.fpr, res.tpr)}, out / "det.png", f"{name}: template DET"),
-    ]
+    paths = []
+    if wants(args, "1:1"):
+        metrics |= res.metrics()
+        paths += [
+            plot_roc({label: (res.fpr, res.tpr)}, out / "roc.png", f"{name}: template ROC"),
+            plot_det({label: (res.fpr, res.tpr)}, out / "det.png", f"{name}: template DET"),
+        ]
+    if wants(args, "1:n") and args.fusion == "insightface":
+        feats, uniq = aggregate_insightface(
+            data["embeddings"], data["templates"], data["medias"], data.get("flipped"), data.get("faceness")
+        )
+        ident, ident_paths = run_identification(args, data, path, feats, uniq, out)
+        if ident is not None:
+            metrics["identification"] = ident
+            paths += ident_paths
+    paths.insert(0, write_metrics(out, metrics))
     return metrics, paths
 
 
@@ -208,6 +258,23 @@ def _fused_templates(method: str, data: dict, path: Path):
     return res, uniq
 
 
+def _shards_location(text: str) -> Path | str:
+    """--shards: a local folder (Path) or an object-storage URI (kept as text)."""
+    from facepipe.storage import is_remote
+
+    return text if is_remote(text) else Path(text)
+
+
+def fetch_pair_tables(location: str, tmp: str) -> Path:
+    """The pair tables and manifest of a dataset at a URI, copied into `tmp` (evaluation reads them whole)."""
+    from facepipe.data.shards import fetch_pair_tables as fetch
+
+    try:
+        return fetch(location, Path(tmp) / "shards")
+    except OSError as err:
+        raise DataError(f"cannot read the dataset: {err}", path=location) from None
+
+
 def is_model_uri(source: str) -> bool:
     """A registered model / run URI (`models:/NAME@ALIAS`, `runs:/...`) rather than a local folder."""
     return "://" in source or source.startswith(("models:/", "runs:/"))
@@ -224,9 +291,13 @@ def _run_model(args: argparse.Namespace) -> int:
     from facepipe.eval.model_features import evaluate_model, load_eval_model, score_names
     from facepipe.progress import summary
 
+    if args.protocol is not None:
+        return _run_model_protocol(args)
     if args.shards is None:
-        raise FacepipeError("--model needs --shards DIR (a decoded dataset with pairs/*.parquet)")
-    if not args.shards.is_dir():
+        raise FacepipeError(
+            "--model needs --shards DIR (a decoded dataset with pairs/*.parquet) or --protocol DIR"
+        )
+    if isinstance(args.shards, Path) and not args.shards.is_dir():
         raise DataError("shards folder not found", path=args.shards)
     config = load_config(args.config, args.overrides)
     ev = config.eval
@@ -239,8 +310,9 @@ def _run_model(args: argparse.Namespace) -> int:
             tracking.download_model(args.model, config.tracking, tmp) if is_model_uri(args.model) else None
         )
         model = load_eval_model(local or args.model, args.model)
+        shards = args.shards if isinstance(args.shards, Path) else fetch_pair_tables(args.shards, tmp)
         tables, paths = evaluate_model(
-            model, args.shards, args.out, rates, folds, ev.batch_size, ev.flip, EdcSettings.from_config(ev)
+            model, shards, args.out, rates, folds, ev.batch_size, ev.flip, EdcSettings.from_config(ev)
         )
     lines = {"model": args.model + (f" ({model.method} head)" if model.method else " (backbone)")}
     for name, m in tables.items():
@@ -254,4 +326,49 @@ def _run_model(args: argparse.Namespace) -> int:
     lines["report"] = str(args.out / "metrics.json")
     lines["files"] = f"{len(paths)} ({time.monotonic() - start:.1f} s)"
     print(summary(f"facepipe evaluate: {args.model} on {len(tables)} pair tables", lines))
+    return 0
+
+
+def _run_model_protocol(args: argparse.Namespace) -> int:
+    """`--model --protocol DIR`: embed the folder's images, keep them as OUT/features.npz, then report."""
+    import tempfile
+
+    import numpy as np
+
+    from facepipe import tracking
+    from facepipe.commands.evaluate_protocols import embed_protocol, run_video
+    from facepipe.config import load_config
+    from facepipe.eval.model_features import load_eval_model
+    from facepipe.fsutil import atomic_path
+    from facepipe.progress import summary
+
+    if not args.protocol.is_dir():
+        raise DataError("protocol folder not found", path=args.protocol)
+    config = load_config(args.config, args.overrides)
+    with tempfile.TemporaryDirectory(prefix="facepipe-eval-") as tmp:
+        local = (
+            tracking.download_model(args.model, config.tracking, tmp) if is_model_uri(args.model) else None
+        )
+        model = load_eval_model(local or args.model, args.model)
+        kind, data = embed_protocol(model, args.protocol, config.eval.batch_size, config.eval.flip)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.out / "features.npz") as tmp_path, open(tmp_path, "wb") as fh:
+        np.savez(fh, **data)
+    args.name = args.name or args.protocol.name
+    if kind == "video":
+        metrics, paths = run_video(args, args.protocol, data)
+    else:
+        args.templates = args.protocol
+        metrics, paths = _run_templates(args, data)
+    lines = {
+        "model": args.model,
+        "protocol": f"{kind} ({args.protocol})",
+        "report": str(args.out / "metrics.json"),
+    }
+    print(
+        summary(
+            f"facepipe evaluate: {args.model} on {args.protocol}",
+            lines | {_label(p, args.out): str(p) for p in paths},
+        )
+    )
     return 0

@@ -30,6 +30,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, default=112, help="image side in pixels")
     parser.add_argument("--workers", type=int, default=0, help="render processes (0: one per CPU core)")
     parser.add_argument(
+        "--protocols",
+        default="",
+        help="also write template/video protocol sets: 'ijb', 'video' or 'ijb,video' (release layouts under "
+        "OUT/ijb, OUT/ytf, read into OUT/protocols/{ijb,video} for `facepipe evaluate --protocol`)",
+    )
+    parser.add_argument(
+        "--protocol-subjects", type=int, default=20, help="identities in each protocol set (>= 2)"
+    )
+    parser.add_argument(
+        "--protocols-only", action="store_true", help="write only the --protocols sets, not the dataset"
+    )
+    parser.add_argument(
         "--force", action="store_true", help="regenerate everything (default: keep stages already written)"
     )
     parser.set_defaults(func=run)
@@ -53,9 +65,23 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise FacepipeError("--workers must be >= 0")
     workers = args.workers or os.cpu_count() or 1
+    kinds = tuple(k.strip() for k in args.protocols.split(",") if k.strip())
+    if any(k not in ("ijb", "video") for k in kinds) or (args.protocols_only and not kinds):
+        raise FacepipeError(f"--protocols takes ijb, video or ijb,video, not {args.protocols!r}")
+    if args.protocol_subjects < 2:
+        raise FacepipeError("--protocol-subjects must be >= 2")
+    lines: dict[str, object] = {"folder": os.path.abspath(args.out)}
+    if kinds:
+        from facepipe.data.synth_protocols import write_protocols
+
+        for kind, info in write_protocols(args.out, cfg, kinds, args.protocol_subjects).items():
+            counts = ", ".join(f"{v} {k}" for k, v in info.items() if k != "tables")
+            lines[f"{kind} protocol"] = f"{counts} -> {info['tables']}"
+    if args.protocols_only:
+        print(summary("facepipe synth: wrote", lines))
+        return 0
     manifest = generate(args.out, cfg, workers=workers, force=args.force)
-    lines: dict[str, object] = {
-        "folder": os.path.abspath(args.out),
+    lines |= {
         "training set": f"{manifest['train']['images']} images of {manifest['train']['classes']} identities "
         f"(train.rec/.idx, property, degradation.parquet)",
     }

@@ -11,8 +11,13 @@ a Ray cluster (same as `train_*.scaling.address=...`).
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
+from typing import Any
 
 from facepipe.commands.choices import MethodChoices
+from facepipe.console import framework_output_to
+from facepipe.orchestration.stage_cache import LOG_DIR
 
 
 def register(subparsers) -> None:
@@ -73,6 +78,24 @@ def run(args: argparse.Namespace) -> int:
     }[args.stage]
     if args.address:
         section.scaling.address = args.address
+    with framework_output_to(None if args.verbose else _log_path(config, args.stage)) as logged:
+        result = _run_stage(args, config)
+    if logged is not None:
+        print(f"  full log    {logged}")
+    if args.metrics_out:
+        write_metrics_file(args.metrics_out, result)
+    return 0
+
+
+def _log_path(config: Any, stage: str) -> Path:
+    """Where Ray's per-rank output and library logs go (the console keeps facepipe's lines; -v: all):
+    `<paths.runs>/logs/` when the runs are on this machine, else `.facepipe/logs/` here."""
+    runs = str(config.paths.runs)
+    folder = Path(runs) / "logs" if "://" not in runs else Path(LOG_DIR)
+    return folder / f"train-{stage}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+def _run_stage(args: argparse.Namespace, config: Any) -> Any:
     register = not args.no_register
     if args.stage == "backbone":
         from facepipe.train.backbone import train_backbone
@@ -105,9 +128,7 @@ def run(args: argparse.Namespace) -> int:
             register=register,
             events_path=args.events,
         )
-    if args.metrics_out:
-        write_metrics_file(args.metrics_out, result)
-    return 0
+    return result
 
 
 def write_metrics_file(path: str, result) -> None:

@@ -39,7 +39,8 @@ def merge_chunks(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from facepipe.data.shards import ShardWriter, iter_shard_batches, write_manifest
+    from facepipe.data.shard_writer import ShardWriter
+    from facepipe.data.shards import iter_shard_batches, write_manifest
     from facepipe.fsutil import atomic_path, write_json_atomic
 
     train_dir = out / "train"

@@ -20,12 +20,13 @@ from facepipe.data.decode_manifest import build_manifest, source_files, write_re
 from facepipe.data.decode_pairs import write_pairs
 from facepipe.data.decode_plan import build_plan, dataset_ids, plan_ranges
 from facepipe.data.decode_resume import DONE_DIR, SourceHasher, remove_outside_plan
-from facepipe.data.decode_runner import Runner, run_tasks
+from facepipe.data.decode_runner import Runner, ray_runner, run_tasks
 from facepipe.data.decode_worker import convert_range
 from facepipe.data.image_header import DEFAULT_MAX_PIXELS
 from facepipe.data.insightface import TrainingSet
 from facepipe.errors import DataError
 from facepipe.fsutil import clean_stale_temps
+from facepipe.storage import exists, is_remote, join, local_staging, publish_tree, remove
 
 __all__ = ["decode_dataset", "plan_ranges", "convert_range", "DONE_DIR", "Runner"]
 
@@ -43,6 +44,7 @@ def decode_dataset(
     runner: Runner | None = None,
     source_hash: str = DEFAULT_SOURCE_HASH,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    ray_address: str | None = None,
 ) -> dict:
     """Convert InsightFace dataset folders into Parquet shards, pair tables and a manifest.
 
@@ -56,9 +58,14 @@ def decode_dataset(
     by the class counts of sources 0..i-1). Each source file's size and `source_hash` digest (xxh3_128
     or sha256) go into the manifest; shards always get sha256. With `validate`, an image whose header
     declares more than `max_pixels` is refused before it is decoded. Returns the manifest (also written
-    to OUT/manifest.json).
+    to OUT/manifest.json). `ray_address` (e.g. "ray://head:10001") runs the ranges as Ray tasks there
+    (`decode_runner.ray_runner`) unless a `runner` is given.
+
+    OUT may be a URI (`s3://bucket/shards`): the dataset is built in a local staging folder (kept
+    after a kill, so a rerun resumes there) and published to OUT with the manifest last, so OUT has
+    a manifest only once every shard and pair table is there.
     """
-    from facepipe.data.shards import DEFAULT_ROW_GROUP_BYTES, write_manifest
+    from facepipe.data.shards import DEFAULT_ROW_GROUP_BYTES, MANIFEST_NAME, write_manifest
 
     check_source_hash(source_hash)  # before any work, not in the hashing thread
     if color_order not in ("RGB", "BGR"):
@@ -67,6 +74,30 @@ def decode_dataset(
         raise DataError("no source given")
     if target_bytes <= 0:
         raise DataError("target shard size must be positive")
+    if is_remote(out_dir):
+        options = dict(
+            target_bytes=target_bytes, workers=workers, validate=validate, skip_bad=skip_bad,
+            color_order=color_order, row_group_bytes=row_group_bytes, runner=runner,
+            source_hash=source_hash, max_pixels=max_pixels,
+        )  # fmt: skip
+        try:  # an unreachable store or a missing bucket fails now, not after the whole conversion
+            exists(join(out_dir, MANIFEST_NAME))
+        except OSError as err:
+            raise DataError(f"cannot reach the output location: {err}", str(out_dir)) from None
+        if ray_address is not None and runner is None:
+            # the tasks upload their shards themselves: the old manifest goes first
+            options["runner"] = ray_runner(ray_address, str(out_dir))
+            remove(join(out_dir, MANIFEST_NAME))
+        with local_staging(out_dir) as staging:
+            manifest = decode_dataset(sources, staging, **options)
+            try:
+                manifest["_run"]["published"] = publish_tree(staging, out_dir, MANIFEST_NAME)
+            except OSError as err:
+                raise DataError(f"cannot publish the decoded dataset: {err}", str(out_dir)) from None
+        return manifest
+
+    if ray_address is not None and runner is None:
+        runner = ray_runner(ray_address)
     row_group_bytes = int(row_group_bytes or min(DEFAULT_ROW_GROUP_BYTES, target_bytes))
     if not 0 < row_group_bytes < 1 << 31:  # a row group's payloads are addressed with int32 offsets
         raise DataError(f"row-group size must be between 1 byte and 2 GiB, not {row_group_bytes}")

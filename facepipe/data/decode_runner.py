@@ -71,3 +71,42 @@ def describe_range(task: dict) -> str:
         f"range {task['index']} ({task['rec_path']}, keys {int(keys.min())}..{int(keys.max())}, "
         f"bytes {int(offsets.min())}..{int(task['ends'].max())})"
     )
+
+
+def ray_runner(address: str | None, location: str | None = None) -> Runner:
+    """A runner that converts the ranges as Ray tasks on the cluster at `address` ("host:port", "auto",
+    "ray://host:port"; None: a local instance). The sources must be readable at the same paths on
+    every node. With `location` (the output URI), each task uploads its own shard there, since a
+    node's disk is not the driver's; the driver publishes the rest and the manifest last.
+    """
+
+    def run(fn: Callable[[dict], dict], tasks: list[dict]) -> Iterator[dict]:
+        import ray
+
+        from facepipe.cluster import ray_session
+
+        with ray_session(address):
+            remote = ray.remote(num_cpus=1, max_retries=1)(_convert_and_upload)
+            pending = [remote.remote(fn, task, location) for task in tasks]
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(done[0])
+
+    return run
+
+
+def _convert_and_upload(fn: Callable[[dict], dict], task: dict, location: str | None) -> dict:
+    """`fn(task)`, then (with `location`) its shard uploaded to `location/train/` unless already there."""
+    result = fn(task)
+    if location is not None:
+        from facepipe import storage
+        from facepipe.data.decode_resume import shard_path
+
+        local, target = shard_path(task), storage.join(location, result["shard"]["path"])
+        fs, path = storage.resolve(target)
+        if fs.get_file_info(path).size != result["shard"]["bytes"]:
+            fs.create_dir(path.rpartition("/")[0], recursive=True)
+            with open(local, "rb") as src, fs.open_output_stream(path) as out:
+                while chunk := src.read(8 << 20):
+                    out.write(chunk)
+    return result

@@ -41,7 +41,7 @@ def convert_range(task: dict) -> dict:
     """
     import pyarrow as pa
 
-    from facepipe.data.shards import ShardWriter
+    from facepipe.data.shard_writer import ShardWriter
 
     done = finished_marker(task)
     if done is not None:

@@ -3,20 +3,24 @@
 Why a sharded iterable rather than Ray Data: on this workload (small JPEGs, CPU-bound decode) Ray Data's
 per-block scheduling cost more than the decoding itself (see bench/loader.py). The design here:
 
-* The **plan** of an epoch is computed from Parquet metadata alone (row counts per row group): all
+* The **plan** of an epoch is computed from Parquet metadata alone (`facepipe.data.loader_plan`): all
   rows of all shards are put in a seeded, epoch-dependent order, each rank takes a contiguous,
   equal-sized slice (disjoint parts, same step count on every rank, so DDP never waits on a rank that
   ran dry), rows are block-shuffled inside a window so a batch mixes many identities even though
   shards are written in label order, and the slice is cut into batches. Because the plan is pure
   arithmetic, resuming at batch k of an epoch costs nothing: batches 0..k-1 are not decoded again.
-* Each batch is decoded by a pool (threads by default: pyarrow reads and `cv2.imdecode`/`cv2.resize`
-  release the GIL, so threads scale without pickling pixels between processes; processes are
-  available for decoders that hold the GIL). Decoders keep a small cache of row groups, so a row group
-  is read once per window, not once per batch. Thread decoders keep the GIL-held work per image to a
-  few calls: payloads are numpy views of the Arrow buffer, cv2 writes into the batch, and the batch is
-  normalised in one pass (float NCHW laid out channels-last, as the backbones train).
-* A feeder thread keeps `prefetch` batches in flight (normalising process-mode batches into float
-  tensors), so the training thread only takes ready tensors from a queue.
+* Each batch is decoded by a pool sized to the cores the worker was given (threads by default:
+  pyarrow reads and `cv2.imdecode` release the GIL, so threads scale without pickling pixels between
+  processes; processes are available for decoders that hold the GIL). Decoders keep a small cache of
+  row groups, so a row group is read once per window, not once per batch. Payloads are numpy views of
+  the Arrow buffer, and each image goes from the JPEG decoder (RGB straight out of libjpeg-turbo) into
+  its slot of the batch in one cv2 call, flipped on the way where the plan says so.
+* Batches are **uint8 NHWC** (pinned memory when CUDA is present): a quarter of the bytes of float,
+  and the normalisation `(x - 127.5) / 128` runs on the training device as the first operation of the
+  step (`facepipe.models.preprocess.to_model_input`), where it is nearly free. The flip stays here: in
+  the decoder it replaces the plain copy into the batch and costs nothing.
+* A feeder thread keeps `prefetch` batches in flight, so the training thread only takes ready tensors
+  from a queue.
 
 Memory is bounded by `prefetch` decoded batches plus the encoded bytes of the row groups one shuffle
 window spans (the decoders' cache is sized to hold them, so each row group is read once per window),
@@ -34,11 +38,11 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from facepipe.data.loader_plan import Unit, batch_pieces, decode_workers, epoch_plan
 from facepipe.errors import DataError, FacepipeError
 
 __all__ = ["Unit", "Batch", "ShardLoader", "shard_units", "decode_rows", "normalise", "normalise_array"]
@@ -48,21 +52,9 @@ MEAN = 127.5
 SCALE = 1.0 / 128.0
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One row group of one shard: the smallest piece the loader reads."""
-
-    path: str
-    row_group: int
-    rows: int
-
-
 @dataclass
 class Batch:
-    """One decoded batch: images (uint8 NHWC, or a float NCHW tensor after normalisation) and labels.
-
-    Float batches are channels-last in memory (NHWC strides), as `normalise_array` makes them.
-    """
+    """One decoded batch: uint8 NHWC images and int64 labels (torch tensors, pinned with CUDA)."""
 
     images: Any
     labels: Any
@@ -73,10 +65,17 @@ def shard_units(paths: Sequence[str | os.PathLike]) -> list[Unit]:
     """The row groups of `paths`, in path order, read from Parquet footers only."""
     import pyarrow.parquet as pq
 
+    from facepipe.storage import is_remote, open_input_file, restore_uri
+
     units: list[Unit] = []
     for path in paths:
+        path = restore_uri(str(path))  # a URI passed through Path() lost a slash of its "//"
         try:
-            meta = pq.ParquetFile(path).metadata
+            if is_remote(path):  # object storage: range reads of the footer only
+                with open_input_file(path) as handle:
+                    meta = pq.ParquetFile(handle).metadata
+            else:
+                meta = pq.ParquetFile(path).metadata
         except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad footer
             raise DataError(f"cannot read Parquet footer: {err}", path=str(path)) from err
         for rg in range(meta.num_row_groups):
@@ -131,8 +130,14 @@ def _row_group(path: str, row_group: int, cache_groups: int) -> tuple[Any, Any]:
             return hit
     import pyarrow.parquet as pq
 
+    from facepipe.storage import is_remote, open_input_file
+
     try:
-        table = pq.ParquetFile(path).read_row_group(row_group, columns=["image", "label"])
+        if is_remote(path):  # object storage: range reads of this row group's two column chunks
+            with open_input_file(path) as handle:
+                table = pq.ParquetFile(handle).read_row_group(row_group, columns=["image", "label"])
+        else:
+            table = pq.ParquetFile(path).read_row_group(row_group, columns=["image", "label"])
     except Exception as err:  # noqa: BLE001
         raise DataError(f"cannot read row group {row_group}: {err}", path=path) from err
     value = (_BinaryColumn(table.column("image").combine_chunks()), table.column("label").to_numpy())
@@ -149,53 +154,56 @@ def decode_rows(
     size: tuple[int, int],
     color_order: str,
     cache_groups: int = 4,
-    as_float: bool = False,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode the rows named by `pieces` ((shard, row group, row indices) in batch order).
 
-    Returns images resized to `size` (height, width) in `color_order`, horizontally flipped where
-    `flips` is true, and int64 labels. Images are uint8 NHWC, or with `as_float` what `normalise_array`
-    makes of them (in the decoding thread, GIL released). A row that does not decode raises `DataError`
-    naming the shard and the row.
+    Returns uint8 NHWC images resized to `size` (height, width) in `color_order`, horizontally flipped
+    where `flips` is true, and int64 labels. The images are written into `out` when given (e.g. a
+    pinned batch buffer), else into one array allocated here. A row that does not decode raises
+    `DataError` naming the shard and the row.
     """
     import cv2
 
     height, width = size
     total = sum(len(rows) for _, _, rows in pieces)
-    images = np.empty((total, height, width, 3), dtype=np.uint8)
+    shape = (total, height, width, 3)
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8:
+        raise FacepipeError(f"batch buffer is {out.dtype} {out.shape}, decoding needs uint8 {shape}")
     labels = np.empty(total, dtype=np.int64)
-    to_rgb = color_order == "RGB"  # cv2 decodes to BGR
-    out = 0
+    # libjpeg-turbo emits either order directly: no colour-conversion pass afterwards
+    flag = cv2.IMREAD_COLOR_RGB if color_order == "RGB" else cv2.IMREAD_COLOR
+    i = 0
     for path, rg, rows in pieces:
         column, label_values = _row_group(path, rg, cache_groups)
         rows = np.asarray(rows, dtype=np.int64)
-        labels[out : out + len(rows)] = label_values[rows]
+        labels[i : i + len(rows)] = label_values[rows]
         for row in rows.tolist():
             raw = column[row]
-            img = None if raw is None or not len(raw) else cv2.imdecode(raw, cv2.IMREAD_COLOR)
+            img = None if raw is None or not len(raw) else cv2.imdecode(raw, flag)
             if img is None:
                 raise DataError("image does not decode", path=path, record=f"row group {rg}, row {row}")
+            # one cv2 call (C loop, GIL released) puts the image into its slot of the batch
+            dst = out[i]
             if img.shape[0] != height or img.shape[1] != width:
-                img = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA)
-            # cv2 writes straight into the batch (C loops, GIL released) instead of strided numpy copies
-            dst = images[out]
-            if to_rgb:
-                cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=dst)
-                if flips[out]:
+                cv2.resize(img, (width, height), dst=dst, interpolation=cv2.INTER_AREA)
+                if flips[i]:
                     cv2.flip(dst, 1, dst=dst)
-            elif flips[out]:
+            elif flips[i]:
                 cv2.flip(img, 1, dst=dst)
             else:
                 dst[...] = img
-            out += 1
-    return (normalise_array(images) if as_float else images), labels
+            i += 1
+    return out, labels
 
 
 def normalise_array(images: np.ndarray) -> np.ndarray:
     """uint8 NHWC -> float32 (x - 127.5) / 128 of shape NCHW, laid out channels-last in memory.
 
-    One pass over contiguous memory (a channels-first copy costs as much as the JPEG decode), and a
-    channels-last model takes the result without another copy.
+    The host-side reference of `facepipe.models.preprocess.to_model_input` (which training and
+    embedding use, on their device); both give the same bits, as every step is exact in float32.
     """
     # cast first, then float32 arithmetic: a ufunc fed uint8 with a float64 scalar takes numpy's slow
     # buffered casting loop (about 3x the time); both ways give the same bits, as 1/128 is exact
@@ -213,17 +221,33 @@ def normalise(images: np.ndarray) -> Any:
     return torch.from_numpy(normalise_array(images))
 
 
+def _pinned() -> bool:
+    """Whether batches go to page-locked memory (only worth it, and only possible, with CUDA)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _tensor(array: np.ndarray, pin: bool) -> Any:
+    import torch
+
+    t = torch.from_numpy(array)
+    return t.pin_memory() if pin else t
+
+
 # ---------------------------------------------------------------------------------------------
 # The loader
 # ---------------------------------------------------------------------------------------------
 
 
 class ShardLoader:
-    """Per-worker iterator over shuffled, decoded, normalised batches of a set of Parquet shards.
+    """Per-worker iterator over shuffled, decoded batches of a set of Parquet shards.
 
-    `for batch in loader.epoch(e)` yields `Batch(images=float NCHW tensor, labels=int64 tensor)`;
+    `for batch in loader.epoch(e)` yields `Batch(images=uint8 NHWC tensor, labels=int64 tensor)`
+    (normalise them on the training device with `facepipe.models.preprocess.to_model_input`);
     `loader.epoch(e, start_batch=k)` resumes an epoch at batch k with exactly the batches a fresh
-    run would have produced from k on.
+    run would have produced from k on. `workers=None` sizes the decode pool to the cores this worker
+    was given (Ray's assignment, else the affinity mask); a number is capped at those cores.
     """
 
     def __init__(
@@ -237,12 +261,11 @@ class ShardLoader:
         seed: int = 0,
         shuffle: bool = True,
         flip: bool = True,
-        workers: int = 2,
+        workers: int | None = None,
         mode: str = "thread",
         prefetch: int = 4,
         window_rows: int = 8192,
         cache_groups: int | None = None,
-        normalise_output: bool = True,
     ):
         if not paths:
             raise FacepipeError("no training shards given")
@@ -252,14 +275,14 @@ class ShardLoader:
             raise FacepipeError(f"colour order must be RGB or BGR, not {color_order!r}")
         if mode not in ("thread", "process"):
             raise FacepipeError(f"loader mode must be 'thread' or 'process', not {mode!r}")
-        self.units = shard_units([str(Path(p)) for p in paths])
+        self.units = shard_units([os.fspath(p) for p in paths])
         self.total_rows = sum(u.rows for u in self.units)
         self.batch_size = int(batch_size)
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.color_order = color_order
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.flip = seed, shuffle, flip
-        self.workers, self.mode = max(int(workers), 1), mode
+        self.workers, self.mode = decode_workers(workers), mode
         self.prefetch = max(int(prefetch), 1)
         self.window_rows = max(int(window_rows), self.batch_size)
         if cache_groups is None:
@@ -267,7 +290,6 @@ class ShardLoader:
             smallest = min(u.rows for u in self.units)
             cache_groups = min(len(self.units), self.window_rows // max(smallest, 1) + 2)
         self.cache_groups = int(cache_groups)
-        self.normalise_output = normalise_output
         self.rows_per_rank = self.total_rows // world_size
         self.steps_per_epoch = self.rows_per_rank // self.batch_size
         if self.steps_per_epoch == 0:
@@ -280,62 +302,15 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    # -- planning -----------------------------------------------------------------------------
-
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(unit index, row, flip) per sample of this rank's epoch, in batch order.
 
         Depends only on (seed, epoch, rank, world size, shard metadata), so every rank and every
         restart computes the same plan.
         """
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
-        sizes = np.array([self.units[i].rows for i in order], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)])
         lo = self.rank * self.rows_per_rank
         hi = lo + self.steps_per_epoch * self.batch_size  # drop the tail that makes no full batch
-        unit_ids, rows = [], []
-        first = int(np.searchsorted(starts, lo, side="right") - 1)
-        for k in range(first, len(order)):
-            a, b = starts[k], starts[k + 1]
-            if a >= hi:
-                break
-            # each unit's rows in a unit-specific random order, then the part inside [lo, hi)
-            # (seeded by the unit, so ranks sharing a unit agree on its order and split it exactly)
-            if self.shuffle:
-                unit_rows = np.random.default_rng([self.seed, epoch, int(order[k])]).permutation(
-                    int(sizes[k])
-                )
-            else:
-                unit_rows = np.arange(int(sizes[k]))
-            take = unit_rows[max(lo - a, 0) : min(hi, b) - a]
-            unit_ids.append(np.full(len(take), order[k], dtype=np.int64))
-            rows.append(take)
-        unit_idx = np.concatenate(unit_ids)
-        row_idx = np.concatenate(rows)
-        if self.shuffle:
-            # block shuffle: mix rows across the units that share a window (shards are label-sorted)
-            perm = np.arange(len(unit_idx))
-            for start in range(0, len(perm), self.window_rows):
-                block = perm[start : start + self.window_rows]
-                perm[start : start + self.window_rows] = rng.permutation(block)
-            unit_idx, row_idx = unit_idx[perm], row_idx[perm]
-        flips = rng.random(len(unit_idx)) < 0.5 if self.flip else np.zeros(len(unit_idx), dtype=bool)
-        return unit_idx, row_idx, flips
-
-    def _batch_pieces(
-        self, unit_idx: np.ndarray, row_idx: np.ndarray
-    ) -> tuple[list[tuple[str, int, np.ndarray]], np.ndarray]:
-        """Group a batch's rows into per-row-group pieces, keeping the batch order within pieces."""
-        pieces = []
-        # stable sort by unit so rows of one row group are read together; order then follows units
-        order = np.argsort(unit_idx, kind="stable")
-        u_sorted, r_sorted = unit_idx[order], row_idx[order]
-        bounds = np.flatnonzero(np.diff(u_sorted)) + 1
-        for us, rs in zip(np.split(u_sorted, bounds), np.split(r_sorted, bounds), strict=True):
-            unit = self.units[int(us[0])]
-            pieces.append((unit.path, unit.row_group, rs))
-        return pieces, order
+        return epoch_plan(self.units, self.seed, epoch, lo, hi, self.shuffle, self.window_rows, self.flip)
 
     # -- iteration ----------------------------------------------------------------------------
 
@@ -361,49 +336,45 @@ class ShardLoader:
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches `start_batch..steps_per_epoch-1` of `epoch`, prefetched in the background."""
+        import torch
+
         unit_idx, row_idx, flips = self.plan(epoch)
         pool = self._executor()
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
+        pin = _pinned()
+        shape = (self.batch_size, *self.input_size, 3)
 
-        def submit(b: int) -> cf.Future:
+        def submit(b: int) -> tuple[Any, cf.Future]:
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            pieces, order = self._batch_pieces(unit_idx[sl], row_idx[sl])
-            return pool.submit(
-                decode_rows,
-                pieces,
-                flips[sl][order],
-                self.input_size,
-                self.color_order,
-                self.cache_groups,
-                float_in_decoder,
-            )
-
-        # threads normalise in the decoder (GIL released); processes ship uint8 (4x less to pickle)
-        float_in_decoder = self.normalise_output and self.mode == "thread"
+            pieces, order = batch_pieces(self.units, unit_idx[sl], row_idx[sl])
+            args = (pieces, flips[sl][order], self.input_size, self.color_order, self.cache_groups)
+            if self.mode == "process":  # pixels come back pickled; pinned on arrival
+                return None, pool.submit(decode_rows, *args)
+            # threads decode straight into the batch's (pinned) tensor: no copy after decoding
+            buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+            return buffer, pool.submit(decode_rows, *args, buffer.numpy())
 
         def feed() -> None:
             try:
-                pending: collections.deque[tuple[int, cf.Future]] = collections.deque()
+                pending: collections.deque[tuple[int, Any, cf.Future]] = collections.deque()
                 nxt = start_batch
                 while (nxt < self.steps_per_epoch or pending) and not stop.is_set():
                     while nxt < self.steps_per_epoch and len(pending) < self.prefetch:
-                        pending.append((nxt, submit(nxt)))
+                        pending.append((nxt, *submit(nxt)))
                         nxt += 1
-                    b, fut = pending.popleft()
+                    b, buffer, fut = pending.popleft()
                     images, labels = fut.result()
-                    if self.normalise_output:
-                        import torch
-
-                        images = torch.from_numpy(images) if float_in_decoder else normalise(images)
-                        labels = torch.from_numpy(labels)
+                    batch = Batch(
+                        buffer if buffer is not None else _tensor(images, pin), _tensor(labels, pin), b
+                    )
                     while not stop.is_set():
                         try:
-                            out.put(Batch(images, labels, b), timeout=0.1)
+                            out.put(batch, timeout=0.1)
                             break
                         except queue.Full:
                             continue
-                for _, fut in pending:
+                for _, _, fut in pending:
                     fut.cancel()
                 out.put(None)
             except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there

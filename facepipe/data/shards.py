@@ -8,8 +8,6 @@ complete, so nothing half-written looks like a shard.
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,10 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from facepipe.data.decode_hashing import AppendHasher
 from facepipe.data.image_header import DEFAULT_MAX_PIXELS, size_problem
 from facepipe.errors import DataError
 from facepipe.fsutil import atomic_path, write_json_atomic
+from facepipe.storage import is_remote, join, list_files, open_input_file, read_text
 
 __all__ = [
     "TRAIN_SCHEMA",
@@ -31,7 +29,6 @@ __all__ = [
     "REJECT_SCHEMA",
     "DECODE_REJECT_SCHEMA",
     "MANIFEST_NAME",
-    "ShardWriter",
     "binary_lengths",
     "column_to_numpy",
     "conform",
@@ -164,154 +161,6 @@ def column_to_numpy(column: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
     return data[column.offset :].copy()
 
 
-def _as_views(schema: pa.Schema) -> pa.Schema:
-    """`schema` with its binary fields as binary views, and without metadata (see `ShardWriter`)."""
-    fields = [f.with_type(pa.binary_view()) if f.type == pa.binary() else f for f in schema]
-    return pa.schema(fields)
-
-
-def _arrow_schema_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
-    """The footer metadata Arrow writes for `schema` (its own metadata, then `ARROW:schema`: the
-    base64 IPC serialisation that readers take column types from)."""
-    metadata = dict(schema.metadata or {})
-    metadata[b"ARROW:schema"] = base64.b64encode(schema.serialize().to_pybytes())
-    return metadata
-
-
-class ShardWriter:
-    """Write rows into `OUT/<prefix>-NNNNN.parquet` files of about `target_bytes` image bytes each.
-
-    Every file is written under a temporary name and renamed into place by `close()` (or when it rolls
-    over to the next file). `close()` returns one dict per file: path, rows, bytes, sha256.
-
-    Binary columns go to the Parquet writer as binary views (a binary column is viewed, not copied), so
-    a caller can hand over payloads where they lie, e.g. in a memory-mapped `.rec`, and the writer
-    copies each once into its page. Parquet stores both types alike; the schema in the footer is
-    `schema`'s, written as Arrow would, so the file is byte for byte what writing `schema` gives.
-    """
-
-    def __init__(
-        self,
-        out_dir: str | os.PathLike,
-        prefix: str = "part",
-        target_bytes: int = 256 << 20,
-        row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
-        start_index: int = 0,
-        schema: pa.Schema = TRAIN_SCHEMA,
-        size_column: str = "image",
-    ):
-        self.out_dir = Path(out_dir)
-        self.prefix = prefix
-        self.target_bytes = int(target_bytes)
-        self.row_group_bytes = max(1, int(row_group_bytes))
-        self.schema = schema
-        self._file_schema = _as_views(schema)
-        self.size_column = size_column
-        self._index = start_index
-        self._stack: contextlib.ExitStack | None = None
-        self._writer: pq.ParquetWriter | None = None
-        self._tmp: Path | None = None
-        self._hasher: AppendHasher | None = None
-        self._rows = 0
-        self._bytes = 0
-        self._final: Path | None = None
-        self.written: list[dict] = []
-
-    def begin(self) -> None:
-        """Open the next file now instead of at the first write (a writer thread can do it while the
-        first rows are still being prepared)."""
-        if self._writer is None:
-            self._open()
-
-    def _open(self) -> None:
-        self._final = self.out_dir / f"{self.prefix}-{self._index:05d}.parquet"
-        self._index += 1
-        self._stack = contextlib.ExitStack()
-        # fsync'd by atomic_path before the rename: a renamed shard is a complete shard
-        self._tmp = self._stack.enter_context(atomic_path(self._final))
-        try:
-            # Arrow writes the file itself (no Python in the write path, no copies into Python bytes);
-            # a thread hashes what is already written from the page cache, one row group behind.
-            self._writer = pq.ParquetWriter(
-                str(self._tmp), self._file_schema, store_schema=False, **_writer_options(self.schema)
-            )
-            self._hasher = AppendHasher(self._tmp)
-        except BaseException as err:  # e.g. a full disk on the first bytes: remove the temp file
-            if self._writer is not None:
-                with contextlib.suppress(Exception):
-                    self._writer.close()
-            self._stack.__exit__(type(err), err, err.__traceback__)
-            self._stack = self._writer = None
-            raise
-        self._rows = self._bytes = 0
-
-    def _finish(self) -> None:
-        if self._writer is None:
-            return
-        try:
-            self._writer.add_key_value_metadata(_arrow_schema_metadata(self.schema))
-            self._writer.close()
-            size = self._tmp.stat().st_size
-            digest = self._hasher.finish(size)
-            self._hasher = None
-        except BaseException:
-            self.abort()
-            raise
-        self._stack.close()  # fsyncs and renames the temporary file into place
-        self.written.append({"path": str(self._final), "rows": self._rows, "bytes": size, "sha256": digest})
-        self._writer = self._stack = None
-
-    def write(self, data: pa.Table | pa.RecordBatch) -> None:
-        table = conform(data, self._file_schema)
-        if table.num_rows == 0:
-            return
-        cum = np.cumsum(binary_lengths(table[self.size_column]))
-        start = 0
-        while start < table.num_rows:
-            if self._writer is None:
-                self._open()
-            # Rows that fit the current row group and the current file (at least one row always goes).
-            room = min(self.row_group_bytes, max(self.target_bytes - self._bytes, 1))
-            before = int(cum[start - 1]) if start else 0
-            count = max(1, int(np.searchsorted(cum, before + room, side="right")) - start)
-            piece = table.slice(start, count)
-            self._writer.write_table(piece, row_group_size=count)
-            self._hasher.advance(self._tmp.stat().st_size)
-            self._rows += count
-            self._bytes += int(cum[start + count - 1]) - before
-            start += count
-            if self._bytes >= self.target_bytes:
-                self._finish()
-
-    def close(self, keep_empty: bool = False) -> list[dict]:
-        """Finish the current file; with `keep_empty`, write an empty shard if no row ever came."""
-        if keep_empty and self._writer is None and not self.written:
-            self._open()
-        self._finish()
-        return self.written
-
-    def abort(self) -> None:
-        """Drop the file being written (its temporary file is removed)."""
-        if self._writer is not None:
-            with contextlib.suppress(Exception):
-                self._writer.close()
-            if self._hasher is not None:
-                self._hasher.cancel()
-                self._hasher = None
-            with contextlib.suppress(BaseException):
-                self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
-            self._writer = self._stack = None
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
 # ------------------------------------------------------------------------------------------- manifest
 
 
@@ -322,15 +171,18 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict:
-    path = Path(out_dir) / MANIFEST_NAME
+    """OUT/manifest.json of a decoded dataset, local or at a URI (published last: present = complete)."""
+    path = join(out_dir, MANIFEST_NAME) if is_remote(out_dir) else Path(out_dir) / MANIFEST_NAME
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path) if is_remote(out_dir) else path.read_text())
     except FileNotFoundError:
         raise DataError(
             "no manifest: not a decoded dataset (run `facepipe decode` first)", str(path)
         ) from None
     except json.JSONDecodeError as err:
         raise DataError(f"manifest is not valid JSON: {err}", str(path)) from None
+    except OSError as err:  # object storage unreachable, bucket or permission missing
+        raise DataError(f"cannot read the manifest: {err}", str(path)) from None
 
 
 # ---------------------------------------------------------------------------------------- pair tables
@@ -384,24 +236,46 @@ def write_pair_table(
 
 
 def read_pair_table(path: str | os.PathLike) -> pa.Table:
+    if is_remote(path):
+        with open_input_file(path) as handle:
+            return pq.read_table(handle, schema=PAIR_SCHEMA)
     return pq.read_table(path, schema=PAIR_SCHEMA)
 
 
 # --------------------------------------------------------------------------------------------- reading
 
 
-def list_shards(directory: str | os.PathLike) -> list[Path]:
-    """Training shards of a decoded dataset (OUT or OUT/train), in shard order; temp files excluded."""
+def list_shards(directory: str | os.PathLike) -> list[Path] | list[str]:
+    """Training shards of a decoded dataset (OUT or OUT/train), in shard order; temp files excluded.
+
+    Under a URI they are URIs (str), else Paths."""
+    if is_remote(directory):
+        return list_files(join(directory, "train"), ".parquet") or list_files(directory, ".parquet")
     directory = Path(directory)
     if (directory / "train").is_dir():
         directory = directory / "train"
     return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith("."))
 
 
-def pair_tables(shards_dir: str | os.PathLike) -> dict[str, Path]:
-    """name -> pair table of a decoded dataset (OUT/pairs/<name>.parquet)."""
+def pair_tables(shards_dir: str | os.PathLike) -> dict[str, Path] | dict[str, str]:
+    """name -> pair table of a decoded dataset (OUT/pairs/<name>.parquet; a URI under a URI)."""
+    if is_remote(shards_dir):
+        found = list_files(join(shards_dir, "pairs"), ".parquet")
+        return {uri.rsplit("/", 1)[1][: -len(".parquet")]: uri for uri in found}
     folder = Path(shards_dir) / "pairs"
     return {p.stem: p for p in sorted(folder.glob("*.parquet")) if not p.name.startswith(".")}
+
+
+def fetch_pair_tables(location: str, dst: str | os.PathLike) -> Path:
+    """Copy the manifest and pair tables of a dataset at a URI into `dst` (a local dataset folder
+    without training shards); DataError when `location` holds no complete dataset."""
+    from facepipe.storage import download_tree
+
+    manifest = read_manifest(location)  # published last: its presence means the pairs are complete
+    out = Path(dst)
+    download_tree(join(location, "pairs"), out / "pairs")
+    write_manifest(out, manifest)
+    return out
 
 
 def iter_shard_batches(
@@ -410,7 +284,8 @@ def iter_shard_batches(
     """Stream RecordBatches of at most `batch_rows` rows from shards, one row group at a time."""
     for path in paths:
         try:
-            handle = pq.ParquetFile(path)
+            # at a URI: range reads through the location's filesystem, a row group at a time
+            handle = pq.ParquetFile(open_input_file(path) if is_remote(path) else path)
         except (OSError, pa.ArrowInvalid) as err:
             raise DataError(f"not a readable Parquet shard: {err}", str(path)) from None
         with handle:

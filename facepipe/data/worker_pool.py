@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ProcessPoolExecutor
 
@@ -76,14 +77,25 @@ class WatchedPool:
             pid, label = self._started.get()
             started[pid] = label
         running = {pid: label for pid, label in started.items() if label in unfinished}
-        for process in self._processes.values():
-            process.join(timeout=10)  # the pool is stopping the others: their exit codes settle
-        died = [
-            label
-            for pid, label in running.items()
-            if pid in self._processes and self._processes[pid].exitcode not in (None, 0, -signal.SIGTERM)
-        ]
+        codes = self._exit_codes(running)
+        died = [label for pid, label in running.items() if codes.get(pid) not in (None, 0, -signal.SIGTERM)]
         return sorted(died or running.values())
+
+    def _exit_codes(self, pids, timeout_s: float = 20.0) -> dict:
+        """Exit codes of `pids` once settled. The pool's own thread reaps the same processes: when both
+        call waitpid, the loser sees "no such child" and reads None for a moment, so poll, don't trust
+        the first read (on a busy machine that moment is long enough to name no dead worker at all)."""
+        deadline = time.monotonic() + timeout_s
+        codes: dict = {}
+        for pid in pids:
+            process = self._processes.get(pid)
+            if process is None:
+                continue
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+            while process.exitcode is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            codes[pid] = process.exitcode
+        return codes
 
     def __enter__(self) -> WatchedPool:
         return self

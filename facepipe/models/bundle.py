@@ -66,14 +66,15 @@ def is_bundle(directory: str | os.PathLike) -> bool:
 
 
 def find_bundle(root: str | os.PathLike) -> Path:
-    """The bundle directory at `root` or below it (MLflow artifacts nest it one or two levels down)."""
+    """The bundle directory at `root` or below it (MLflow artifacts nest it one or two levels down; in a
+    Ray Train run folder, the newest checkpoint's: their `checkpoint_<date>_<time>` names sort by time)."""
     root = Path(root)
     if is_bundle(root):
         return root
     found = sorted(p.parent for p in root.rglob(BUNDLE_FILE))
     if not found:
         raise FacepipeError(f"no backbone bundle ({BUNDLE_FILE}) under {root}")
-    return found[0]
+    return found[-1]
 
 
 def read_bundle_info(directory: str | os.PathLike) -> BundleInfo:

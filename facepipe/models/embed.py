@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from facepipe.data.loader import normalise
 from facepipe.data.shards import decode_images
 from facepipe.errors import DataError
+from facepipe.models.preprocess import to_model_input
 
 
 def decode_images_of(
@@ -42,14 +42,14 @@ def embed_images(backbone: Any, images_u8: np.ndarray, flip: bool = False, maps:
     """(embeddings, flipped embeddings or None, feature maps or None) for uint8 NHWC images."""
     import torch
 
-    x = normalise(images_u8)
     device = next(backbone.parameters()).device
     fmt = _input_memory_format(backbone)
     with torch.no_grad():
-        emb, fmap = backbone.forward_features(x.to(device, memory_format=fmt))
+        x = to_model_input(images_u8, device, fmt)  # uint8 to the device, normalised there
+        emb, fmap = backbone.forward_features(x)
         flipped = None
         if flip:
-            flipped = backbone.forward_features(torch.flip(x, dims=[3]).to(device, memory_format=fmt))[0]
+            flipped = backbone.forward_features(torch.flip(x, dims=[3]).contiguous(memory_format=fmt))[0]
     return (
         emb.float().cpu().numpy(),
         None if flipped is None else flipped.float().cpu().numpy(),

@@ -14,7 +14,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -274,3 +274,112 @@ def _find_head(root: Path, required: bool) -> Path | None:
     if not found and required:
         raise FacepipeError(f"no uncertainty head ({HEAD_META}) under {root}")
     return found[0] if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered pyfunc: tensors, or encoded images (aligned faces, or photos with align=true)
+# ---------------------------------------------------------------------------------------------
+
+DETECTOR_ENV = "FACEPIPE_DETECTOR_MODEL"  # a YuNet model for align=true when none was registered
+
+
+def python_model() -> Any:
+    """The MLflow PythonModel logged with every registered version (defined here, pickled by value)."""
+    from mlflow.pyfunc import PythonModel
+
+    class FacepipeModel(PythonModel):
+        """Images -> embeddings (and uncertainties): NCHW float32 normalised as in training, or encoded
+        JPEG/PNG (bytes or base64) of aligned faces, or of photos with `align=true` (param or column)."""
+
+        def load_context(self, context):
+            from facepipe.models.photo import FaceModel
+
+            self.model = FaceModel(context.artifacts["bundle"], context.artifacts.get("head"))
+            self.detector = context.artifacts.get("detector") or os.environ.get(DETECTOR_ENV)
+            # the pre-pyfunc-change attribute names, for callers that reached into the model
+            self.backbone, self.info, self.head = self.model.backbone, self.model.info, self.model.head
+
+        def predict(self, context, model_input, params=None):  # no hints: MLflow would validate by them
+            from mlflow.exceptions import MlflowException
+
+            try:
+                return pyfunc_predict(self.model, self.detector, model_input, params or {})
+            except FacepipeError as err:  # bad input: HTTP 400 with the reason, not a 500
+                raise MlflowException.invalid_parameter_value(str(err)) from err
+
+    return FacepipeModel()
+
+
+def pyfunc_predict(model: Any, detector: str | None, model_input: Any, params: dict[str, Any]) -> Any:
+    """The pyfunc's answer: an embedding array (bare backbone) or {"embedding", "uncertainty"}."""
+    kind, payload, align = _parse_pyfunc_input(model_input, bool(params.get("align", False)))
+    if kind == "tensor":
+        h, w = model.input_size
+        try:
+            x = np.asarray(payload, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise FacepipeError(f"input is neither encoded images nor a float tensor: {err}") from None
+        if x.ndim == 2 and x.shape[1] == 3 * h * w:  # flattened rows (a DataFrame of pixel columns)
+            x = x.reshape(-1, 3, h, w)
+        if x.ndim != 4 or x.shape[1:] != (3, h, w):
+            raise FacepipeError(f"tensor input must be (N, 3, {h}, {w}) float32, not {x.shape}")
+    else:
+        from facepipe.models.preprocess import to_model_input
+
+        x = to_model_input(_encoded_to_input(model, detector, payload, align, params))
+    emb, unc = model.forward(x)
+    return emb if unc is None else {"embedding": emb, "uncertainty": unc}
+
+
+def _parse_pyfunc_input(value: Any, align: bool) -> tuple[str, Any, list[bool]]:
+    """("tensor", array, []) or ("encoded", [bytes | str, ...], [align per image])."""
+    import pandas as pd
+
+    if isinstance(value, pd.DataFrame):
+        if "image" not in value.columns:
+            return "tensor", value.to_numpy(), []
+        value = {c: value[c].tolist() for c in value.columns}
+    if isinstance(value, dict):
+        if "images" in value:
+            return _parse_pyfunc_input(value["images"], align)
+        if "image" not in value:
+            raise FacepipeError(f"input has keys {sorted(value)}; expected 'images' (tensor) or 'image'")
+        images = list(np.atleast_1d(np.asarray(value["image"], dtype=object)))
+        flags = value.get("align")
+        flags = [align] if flags is None else [bool(f) for f in np.atleast_1d(flags)]
+        if len(flags) not in (1, len(images)):
+            raise FacepipeError(f"{len(flags)} align flags for {len(images)} images")
+        return "encoded", images, flags * len(images) if len(flags) == 1 else flags
+    if isinstance(value, list | tuple | np.ndarray) and len(value):
+        first = value[0]
+        if isinstance(first, dict):  # records: [{"image": ..., "align": ...}, ...]
+            rows = list(value)
+            flags = [bool(r.get("align", align)) for r in rows]
+            return "encoded", [r.get("image") for r in rows], flags
+        if isinstance(first, str | bytes | bytearray):
+            return "encoded", list(value), [align] * len(value)
+    return "tensor", value, []
+
+
+def _encoded_to_input(
+    model: Any, detector: str | None, images: list[Any], align: list[bool], params: dict[str, Any]
+) -> np.ndarray:
+    """Encoded images -> uint8 NHWC for the model; photos flagged `align` go through detection first."""
+    from facepipe.models.photo import PhotoAligner, decode_photo_bytes, encoded_bytes
+
+    aligner = None
+    crops = []
+    for i, (value, flag) in enumerate(zip(images, align, strict=True)):
+        where = f"input image {i}"
+        image = decode_photo_bytes(encoded_bytes(value, where), where)
+        if flag:
+            if aligner is None:
+                if not detector:
+                    raise FacepipeError(
+                        f"align=true needs a face detector: none was registered with the model; "
+                        f"set {DETECTOR_ENV} to a YuNet ONNX file"
+                    )
+                aligner = PhotoAligner(detector, model.input_size, float(params.get("min_score", 0.6)))
+            image = aligner.align(image, where).crop
+        crops.append(image)
+    return model.to_input(crops)

@@ -4,7 +4,8 @@
 driver (`facepipe.train.stage`) and its workers run `BackboneLoop` on the one loop
 (`facepipe.train.loop`). What is particular to this stage:
 
-* batches stream from each worker's disjoint part of the shards (`ShardLoader`, NHWC on request);
+* batches stream from each worker's disjoint part of the shards (`ShardLoader`, uint8 NHWC, normalised
+  on the device by the loop's `place`);
 * backbone + margin head train as one DDP module; above `partial_fc_threshold` classes the class
   centres are sharded across workers (PartialFC), each rank checkpointing its own slice;
 * the learning rate also anneals against `max_minutes`, autocast runs the backbone on GPU;
@@ -103,6 +104,7 @@ class BackboneLoop(StageLoop):
         self.margin_s = float((margin if self.partial_fc else head).s)  # the scale in effect, default or set
         # NHWC: oneDNN's convolutions with few channels run several times faster than NCHW on CPU
         self.memory_format = torch.channels_last if tb.channels_last else torch.contiguous_format
+        self.input_memory_format = self.memory_format
         self.backbone = backbone.to(memory_format=self.memory_format)
         self.model = _objective_module(self.backbone, head)
         if self.partial_fc:
@@ -130,11 +132,6 @@ class BackboneLoop(StageLoop):
     def batches(self, epoch: int, first: int) -> Iterator[tuple[int, tuple[Any, ...]]]:
         for batch in self.loader.epoch(epoch, start_batch=first):
             yield batch.index, (batch.images, batch.labels)
-
-    def place(self, batch: tuple[Any, ...]) -> tuple[Any, ...]:
-        images, labels = batch
-        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        return images, labels.to(self.device, non_blocking=True)
 
     def train_step(self, batch: tuple[Any, ...]) -> tuple[Any, dict[str, Any]]:
         return self.model(*batch, self.amp), {}

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from facepipe import storage
 from facepipe.config import Config
 from facepipe.data.loader import decode_rows
 from facepipe.fsutil import sha256_file
@@ -97,7 +98,11 @@ def prepare_features(
         emb, _, fmap = embed_images(backbone, probe, maps=True)
         return FeatureSource(None, [], tuple(fmap.shape[1:]), int(emb.shape[1]))
     fingerprint = backbone_fingerprint(bundle_dir, shards_dir)
-    out = Path(config.paths.features).resolve() / fingerprint[:16]  # workers run in another cwd
+    # absolute (workers run in another cwd), or a URI as it is (a cache on object storage)
+    features = config.paths.features
+    out = storage.join(
+        features if storage.is_remote(features) else Path(features).resolve(), fingerprint[:16]
+    )
     cache_features(backbone, shards, out, tuple(info.input_size), info.color_order, fingerprint)
     meta = cache_info(out)
     return FeatureSource(

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from facepipe import storage
 from facepipe.data.shards import pair_tables
 from facepipe.eval.verification import evaluate_embeddings
 from facepipe.fsutil import atomic_path, clean_stale_temps, write_json_atomic
@@ -140,6 +141,21 @@ def cache_features(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if storage.is_remote(out_dir):  # object storage: built locally, published with its metadata last
+        meta_uri = storage.join(out_dir, CACHE_META)
+        if (
+            storage.exists(meta_uri)
+            and json.loads(storage.read_text(meta_uri)).get("fingerprint") == fingerprint
+        ):
+            return out_dir
+        with storage.local_staging(out_dir) as staging:
+            cache_features(backbone, shard_paths, staging, input_size, color_order, fingerprint, batch_rows)
+            storage.remove(meta_uri)  # then no stale shard of another fingerprint stays listed
+            for uri in storage.list_files(out_dir, ".parquet"):
+                if not (staging / uri.rsplit("/", 1)[1]).is_file():
+                    storage.remove(uri)
+            storage.publish_tree(staging, out_dir, CACHE_META)
+        return out_dir
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)
@@ -160,7 +176,7 @@ def cache_features(
         dst = out / f"features-{index:05d}.parquet"
         if dst.is_file():
             continue
-        handle = pq.ParquetFile(src)
+        handle = pq.ParquetFile(storage.open_input_file(src) if storage.is_remote(src) else src)
         columns = [c for c in ("key", "label", "image", "degradation") if c in handle.schema_arrow.names]
         with atomic_path(dst) as tmp, pq.ParquetWriter(tmp, schema, compression="none") as writer:
             for rg in range(handle.metadata.num_row_groups):
@@ -211,10 +227,16 @@ def cache_features(
 
 
 def cache_info(out_dir: str | os.PathLike) -> dict[str, Any]:
+    if storage.is_remote(out_dir):
+        return json.loads(storage.read_text(storage.join(out_dir, CACHE_META)))
     return json.loads((Path(out_dir) / CACHE_META).read_text())
 
 
-def cached_shards(out_dir: str | os.PathLike) -> list[Path]:
+def cached_shards(out_dir: str | os.PathLike) -> list[Path] | list[str]:
+    if storage.is_remote(out_dir):  # URIs
+        return [
+            u for u in storage.list_files(out_dir, ".parquet") if u.rsplit("/", 1)[1].startswith("features-")
+        ]
     return sorted(p for p in Path(out_dir).glob("features-*.parquet"))
 
 
@@ -222,7 +244,8 @@ def read_cached_rows(path: str, row_group: int, map_shape: tuple[int, ...]) -> d
     """One row group of the cache as arrays: label, embedding (N, D), feature_map (N, *map_shape)."""
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path).read_row_group(row_group)
+    source = storage.open_input_file(path) if storage.is_remote(path) else path  # range reads on a store
+    table = pq.ParquetFile(source).read_row_group(row_group)
     emb = table.column("embedding").combine_chunks()
     fmap = table.column("feature_map").combine_chunks()
     n = table.num_rows

@@ -25,12 +25,14 @@ import numpy as np
 
 from facepipe import tracking
 from facepipe.config import Config
-from facepipe.data.loader import decode_rows, normalise, shard_units
+from facepipe.data.loader import decode_rows, shard_units
 from facepipe.errors import FacepipeError
 from facepipe.models.bundle import load_bundle, save_bundle
 from facepipe.train.features import verify_pairs
 from facepipe.train.loop import StageLoop, UnitPlan
-from facepipe.train.ray_job import TrainOutcome
+from facepipe.train.plots import loss_curve, roc_plot
+from facepipe.train.ray_job import TrainOutcome, local_run_dir
+from facepipe.train.spread import class_spread, plot_spread, spread_metrics
 from facepipe.train.stage import StageDriver, StageResult
 
 
@@ -110,7 +112,10 @@ class FinetuneLoop(StageLoop):
             for u in np.unique(plan_batch[:, 0])
         ]
         images, labels = decode_rows(pieces, flips, tuple(self.info.input_size), self.info.color_order)
-        return normalise(images), torch.from_numpy(labels)
+        # uint8 NHWC: the loop's `place` normalises on the device (channels-last, as before)
+        pin = self.device.type == "cuda"
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        return (images.pin_memory(), labels.pin_memory()) if pin else (images, labels)
 
     def batches(self, epoch: int, first: int) -> Iterator[tuple[int, tuple[Any, ...]]]:
         plan = self.plan.epoch(epoch)
@@ -130,7 +135,8 @@ class FinetuneLoop(StageLoop):
         images, labels = batch
         emb = self.model(images)
         trip, terms = triplet_loss(emb, labels, ft.triplet_margin, ft.hardest)
-        return trip + centre_loss(emb, labels, self.centres, self.scale, ft.centre_weight), terms
+        centre = centre_loss(emb, labels, self.centres, self.scale, ft.centre_weight)
+        return trip + centre, {**terms, "centre": centre.detach()}  # logged as train/centre
 
     def save_artifacts(self, directory: Path, final: bool) -> None:
         if self.rank == 0 and final:
@@ -149,7 +155,7 @@ class FinetuneStage(StageDriver):
         self.bundle_dir = tracking.resolve_bundle(
             backbone_uri or config.finetune.backbone_uri,
             config.tracking,
-            Path(config.paths.runs).resolve() / self.name / "start",
+            local_run_dir(config.paths.runs, self.name) / "start",
         )
 
     def scaling(self) -> Any:
@@ -165,7 +171,24 @@ class FinetuneStage(StageDriver):
         bundle = Path(outcome.checkpoint_path) / "bundle"
         backbone, info, _ = load_bundle(bundle)
         size, colour, folds = tuple(info.input_size), info.color_order, self.config.eval.folds
-        return StageResult(run_id, bundle, verify_pairs(backbone, self.data.shards_dir, size, colour, folds))
+        metrics = verify_pairs(backbone, self.data.shards_dir, size, colour, folds)
+        # what the centre term is for: each class's spread around its mean, before and after
+        start, _, _ = load_bundle(self.bundle_dir)
+        spread = {
+            when: class_spread(model, self.data.shards_dir, size, colour)
+            for when, model in (("before", start), ("after", backbone))
+        }
+        metrics.update(spread_metrics(spread["before"], spread["after"]))
+        return StageResult(run_id, bundle, metrics, extra={"spread": spread})
+
+    def log_results(self, result: StageResult, outcome: TrainOutcome) -> None:
+        super().log_results(result, outcome)
+        out_dir = Path(outcome.run_path) / "plots"
+        plots = loss_curve(self.config, result.run_id, out_dir, "Fine-tuning loss (triplet + centre term)")
+        plots += roc_plot(result.bundle_dir, self.data, out_dir, "Fine-tuned backbone ROC")
+        spread = result.extra["spread"]
+        plots.append(plot_spread(spread["before"], spread["after"], out_dir / "centre_spread.png"))
+        tracking.log_artifacts(self.config.tracking, result.run_id, plots, "plots")
 
 
 def finetune(

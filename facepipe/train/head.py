@@ -29,7 +29,8 @@ from facepipe.models.bundle import load_bundle
 from facepipe.train.feature_source import CachedFeatures, RecomputedFeatures, prepare_features
 from facepipe.train.head_eval import evaluate_head
 from facepipe.train.loop import WINDOW_ROWS, StageLoop, UnitPlan
-from facepipe.train.ray_job import TrainOutcome
+from facepipe.train.plots import loss_curve, rejection_plot
+from facepipe.train.ray_job import TrainOutcome, local_run_dir
 from facepipe.train.stage import StageDriver, StageResult
 
 
@@ -113,7 +114,7 @@ class HeadStage(StageDriver):
         self.bundle_dir = tracking.resolve_bundle(
             backbone_uri or tu.backbone_uri,
             config.tracking,
-            Path(config.paths.runs).resolve() / self.name / "backbone",
+            local_run_dir(config.paths.runs, self.name) / "backbone",
         )
         _, _, centres = load_bundle(self.bundle_dir)
         if self.spec.needs_class_centres and centres is None:
@@ -171,6 +172,14 @@ class HeadStage(StageDriver):
         metrics["epoch_seconds"] = float(outcome.metrics.get("epoch_seconds", 0.0))
         extra = {"head_dir": str(head_dir), "cache_dir": self.features.cache_dir}
         return StageResult(run_id, self.bundle_dir, metrics, extra=extra)
+
+    def log_results(self, result: StageResult, outcome: TrainOutcome) -> None:
+        super().log_results(result, outcome)
+        out_dir = Path(outcome.run_path) / "plots"
+        title = f"{self.spec.name} head training loss"
+        plots = loss_curve(self.config, result.run_id, out_dir, title)
+        plots += rejection_plot(result.metrics, out_dir, self.spec.name)
+        tracking.log_artifacts(self.config.tracking, result.run_id, plots, "plots")
 
     def output(self, result: StageResult) -> Path:
         return Path(result.extra["head_dir"])

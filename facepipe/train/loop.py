@@ -7,9 +7,10 @@ stages share:
   and MLflow metric logger (rank 0 only);
 * resume from `ray.train.get_checkpoint()` at the exact step it stopped after (the batch plans are
   deterministic, so no step is lost or repeated beyond the last checkpoint);
-* per step: batch to the device, `train_step`, the non-finite stop (`facepipe.train.nonfinite`: all
-  ranks agree, nobody raises), the AMP-scaled optimiser step (AMP only on CUDA), gradient clipping,
-  the schedule (steps and, optionally, a wall-clock budget), step events and metrics;
+* per step: batch to the device (uint8 images normalised there: `facepipe.models.preprocess`),
+  `train_step`, the non-finite stop (`facepipe.train.nonfinite`: all ranks agree, nobody raises),
+  the AMP-scaled optimiser step (AMP only on CUDA), gradient clipping, the schedule (steps and,
+  optionally, a wall-clock budget), step events and metrics;
 * checkpoints (every `checkpoint_every` steps and at each epoch's end) and the final report.
 
 A stage subclasses it and supplies only `setup` (model, optimiser, plan), `batches` and `train_step`,
@@ -98,6 +99,7 @@ class StageLoop:
     log_every: int = 1  # per-step metrics to MLflow every N steps
     budget_s: float | None = None  # wall-clock budget of the run (all attempts together)
     amp_requested: bool = False  # the stage's `amp` setting; it takes effect on CUDA devices only
+    input_memory_format: Any = None  # layout of normalised images (None: channels-last)
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         import ray.train.torch
@@ -145,7 +147,17 @@ class StageLoop:
     # --- optional hooks --------------------------------------------------------------------------
 
     def place(self, batch: tuple[Any, ...]) -> tuple[Any, ...]:
-        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+        """Tensors to the device; uint8 NHWC images go over as bytes and are normalised there."""
+        import torch
+
+        from facepipe.models.preprocess import to_model_input
+
+        return tuple(
+            to_model_input(t, self.device, self.input_memory_format)
+            if t.dtype == torch.uint8 and t.dim() == 4
+            else t.to(self.device, non_blocking=True)
+            for t in batch
+        )
 
     def model_state(self) -> dict[str, Any]:
         return self.inner.state_dict()
@@ -233,6 +245,30 @@ class StageLoop:
         if self.rank == 0:
             self.events.write(event="checkpoint", step=self.step)
 
+    def say_epoch(
+        self, last: float, samples_s: float, metrics: dict[str, Any], attempt: tuple[int, float]
+    ) -> None:
+        """Rank 0's one console line per epoch: loss, samples/s, validation accuracy, time left. It starts
+        with "facepipe" so that a stage's console keeps it (facepipe.console) while Ray's output goes to
+        the log file."""
+        if self.rank != 0:
+            return
+        first_step, started = attempt
+        done, seconds = self.step - first_step, time.monotonic() - started
+        left = (self.total_steps - self.step) * seconds / done if done else math.nan
+        epochs = -(-self.total_steps // self.steps_per_epoch)
+        epoch = -(-self.step // self.steps_per_epoch)
+        accuracy = metrics.get("accuracy")
+        parts = [
+            f"facepipe train {self.section.removeprefix('train_')}: epoch {epoch}/{epochs}",
+            f"step {self.step}/{self.total_steps}",
+            f"loss {last:.4f}",
+            f"{samples_s:.0f} samples/s",
+            *([f"val acc {accuracy:.4f}"] if isinstance(accuracy, float) else []),
+            f"ETA {time.strftime('%H:%M:%S', time.gmtime(left)) if math.isfinite(left) else '?'}",
+        ]
+        print("  ".join(parts), flush=True)
+
     def log_floats(self, metrics: dict[str, Any]) -> None:
         if self.rank == 0:
             self.metrics_log.log({k: v for k, v in metrics.items() if isinstance(v, float)}, self.step)
@@ -246,6 +282,7 @@ class StageLoop:
         # steady-state throughput: from the end of this attempt's first step (warm-up excluded)
         rate_start, rate_samples = None, 0
         last, stop_reason, epoch_seconds = math.nan, "done", []
+        attempt = (self.step, time.monotonic())  # for the console's time left
         self.model.train()
         while self.step < self.total_steps:
             epoch, first = divmod(self.step, self.steps_per_epoch)
@@ -304,6 +341,7 @@ class StageLoop:
             if self.step >= self.total_steps:
                 break
             metrics = {"train/loss": last, **self.epoch_metrics()}  # may be a collective: all ranks
+            self.say_epoch(last, samples * self.world / max(epoch_seconds[-1], 1e-9), metrics, attempt)
             self.log_floats(metrics)
             self.metrics_log.flush()
             every = self.checkpoint_every
@@ -314,6 +352,12 @@ class StageLoop:
         if rate_start is not None and rate_samples:
             final["train/samples_s"] = rate_samples * self.world / (time.monotonic() - rate_start)
         final.update(self.final_metrics())
+        self.say_epoch(
+            last,
+            samples * self.world / max(epoch_seconds[-1], 1e-9) if epoch_seconds else 0.0,
+            final,
+            attempt,
+        )
         self.log_floats(final)
         self.metrics_log.flush()
         self.report(final, with_checkpoint=True, final=True)

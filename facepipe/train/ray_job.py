@@ -11,23 +11,31 @@ the loop in a `TorchTrainer` (Ray Train v2) with:
 * `FailureConfig(max_failures)`: a worker that dies restarts the worker group from the latest
   checkpoint inside the same run,
 * `CheckpointConfig(num_to_keep)`.
+
+`paths.runs` may be a URI (`s3://bucket/runs`): Ray Train then keeps checkpoints there through the
+location's pyarrow filesystem (`facepipe.storage`), resumes from there, and the driver downloads the
+final checkpoint into a local working copy of the run (`local_run_dir`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from facepipe import storage
 from facepipe.cluster import ray_session
 from facepipe.config import Config
 from facepipe.config import ScalingConfig as ScalingSection
 from facepipe.errors import FacepipeError
+from facepipe.fsutil import absolute_tracking_uri
 from facepipe.train.nonfinite import clear_records, raise_recorded_failure
 
 log = logging.getLogger(__name__)
@@ -35,27 +43,6 @@ log = logging.getLogger(__name__)
 # Environment variables the driver forwards to the Train controller and workers (Ray propagates its own
 # RAY_TRAIN_* variables; these are ours and the thread caps).
 FORWARDED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
-
-
-def absolute_tracking_uri(uri: str | None) -> str | None:
-    """`uri` with a relative local store made absolute against the current directory.
-
-    Ray Train workers run in their own working directory, so `sqlite:///mlflow.db` (or a plain
-    `mlruns` folder) would open a different, empty store there ("Run not found").
-    """
-    if not uri:
-        return uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path, sep, query = uri[len(prefix) :].partition("?")
-        if path and path != ":memory:":
-            return prefix + str(Path(path).resolve()) + sep + query
-        return uri
-    if uri.startswith("file:") and not uri.startswith("file:/"):
-        return Path(uri[len("file:") :]).resolve().as_uri()
-    if ":" not in uri:  # a plain folder
-        return str(Path(uri).resolve())
-    return uri
 
 
 def worker_config(config: Config) -> dict[str, Any]:
@@ -74,12 +61,23 @@ def worker_config(config: Config) -> dict[str, Any]:
 
 @dataclass
 class TrainOutcome:
-    """What a finished Train run hands back to the driver."""
+    """What a finished Train run hands back to the driver: `checkpoint_path` and `run_path` are local
+    (a download of the final checkpoint when the run is stored at a URI, which `run_uri` then gives)."""
 
     metrics: dict[str, Any]
     checkpoint_path: str | None
     run_path: str
     seconds: float
+    run_uri: str | None = None
+
+
+def local_run_dir(runs: str | os.PathLike, name: str) -> Path:
+    """The local folder of run `name`: `<runs>/<name>`, or for runs at a URI a working copy under the
+    temp dir (the same one for the same location, so a resumed run finds it)."""
+    if not storage.is_remote(runs):
+        return Path(runs).resolve() / name
+    key = hashlib.sha1(os.fspath(runs).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "facepipe-runs" / key / name
 
 
 def run_training(
@@ -98,8 +96,12 @@ def run_training(
     # a loaded node can take more than Ray's default 60 s to start a worker group (imports, process group);
     # Ray propagates this variable from the driver to its controller
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    storage = Path(storage_path).resolve()
-    storage.mkdir(parents=True, exist_ok=True)
+    remote = storage.is_remote(storage_path)
+    if remote:  # Ray Train writes and resumes through the location's filesystem
+        filesystem, root = storage.resolve(storage_path)
+    else:
+        filesystem, root = None, str(Path(storage_path).resolve())
+        Path(root).mkdir(parents=True, exist_ok=True)
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
@@ -120,7 +122,8 @@ def run_training(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=root,
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
             worker_runtime_env={"env_vars": env},
@@ -133,8 +136,17 @@ def run_training(
         raise FacepipeError(f"training run {name!r} failed: {_root_message(err)}") from err
     if result.error is not None:
         raise FacepipeError(f"training run {name!r} failed: {_root_message(result.error)}")
+    run_dir = local_run_dir(storage_path, name)
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    return TrainOutcome(dict(result.metrics or {}), checkpoint, str(storage / name), time.monotonic() - start)
+    if remote and result.checkpoint is not None:
+        # the driver's later steps (bundle, plots, registry) read the final checkpoint from local disk
+        local = run_dir / Path(result.checkpoint.path).name
+        result.checkpoint.to_directory(str(local))
+        checkpoint = str(local)
+    run_uri = storage.join(storage_path, name) if remote else None
+    return TrainOutcome(
+        dict(result.metrics or {}), checkpoint, str(run_dir), time.monotonic() - start, run_uri
+    )
 
 
 def launch_stage(
@@ -155,7 +167,7 @@ def launch_stage(
     `NonFiniteLossError` a worker recorded, or `FacepipeError` when the run fails or ends without a
     checkpoint. `max_failures` defaults to `train_backbone.max_failures`.
     """
-    error_dir = Path(config.paths.runs).resolve() / name / "errors"
+    error_dir = local_run_dir(config.paths.runs, name) / "errors"
     clear_records(error_dir)
     loop_config = {
         "config": worker_config(config),

@@ -21,6 +21,7 @@ from facepipe.config import ScalingConfig as ScalingSection
 from facepipe.data.shards import list_shards, read_manifest
 from facepipe.errors import FacepipeError
 from facepipe.progress import summary
+from facepipe.storage import is_remote
 from facepipe.train.ray_job import TrainOutcome, launch_stage
 
 
@@ -37,8 +38,8 @@ class DataInfo:
 
 
 def resolve_data(shards_dir: str | os.PathLike) -> DataInfo:
-    """Shards, class count and colour order of a decoded dataset (from its manifest)."""
-    shards_dir = Path(shards_dir).resolve()
+    """Shards, class count and colour order of a decoded dataset (from its manifest), local or at a URI."""
+    shards_dir = shards_dir if is_remote(shards_dir) else Path(shards_dir).resolve()
     manifest = read_manifest(shards_dir)
     shards = [str(p) for p in list_shards(shards_dir)]
     if not shards:

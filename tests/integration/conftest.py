@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +96,11 @@ def _node_args(temp_dir: Path) -> list[str]:
     ]
 
 
-def _wait_for_nodes(address: str, env: dict[str, str], count: int, timeout: float = 180.0) -> None:
+def _wait_for_nodes(
+    address: str, env: dict[str, str], count: int, timeout: float = 180.0, node: Callable | None = None
+) -> None:
+    """Until `count` nodes are alive. `node()` (re)starts the joining node's process when it has exited:
+    `ray start` gives its raylet a fixed 30 s to register, which a busy 2-core machine can miss."""
     script = (
         "import ray, sys\n"
         f"ray.init(address='{address}', log_to_driver=False)\n"
@@ -104,6 +109,8 @@ def _wait_for_nodes(address: str, env: dict[str, str], count: int, timeout: floa
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
+        if node is not None:
+            node()
         out = subprocess.run(
             [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
         )
@@ -154,16 +161,22 @@ def ray_cluster():
             )
         )
         _wait_for_nodes(address, env, 1)
-        worker = [RAY, "start", f"--address={address}", *_node_args(temp_dir)]
-        cluster.procs.append(
-            subprocess.Popen(
-                worker,
-                env=env,
-                stdout=open(logs / "worker.log", "w"),  # noqa: SIM115
-                stderr=subprocess.STDOUT,
+
+        def worker_node() -> None:
+            if cluster.procs[-1] is not head_proc and cluster.procs[-1].poll() is None:
+                return  # running (or still joining)
+            worker = [RAY, "start", f"--address={address}", *_node_args(temp_dir)]  # fresh ports
+            cluster.procs.append(
+                subprocess.Popen(
+                    worker,
+                    env=env,
+                    stdout=open(logs / "worker.log", "a"),  # noqa: SIM115
+                    stderr=subprocess.STDOUT,
+                )
             )
-        )
-        _wait_for_nodes(address, env, 2)
+
+        head_proc = cluster.procs[-1]
+        _wait_for_nodes(address, env, 2, node=worker_node)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})
         try:

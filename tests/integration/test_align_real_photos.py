@@ -195,7 +195,7 @@ def test_end_to_end_cli_shards_read_like_decoded_shards(faces_dir, manifest, tmp
     # The training loader streams them like decoded .rec shards.
     with ShardLoader(shards, batch_size=4, input_size=tuple(manifest_out["image_size"]), workers=1) as loader:
         batch = next(iter(loader.epoch(0)))
-    assert tuple(batch.images.shape) == (4, 3, 112, 112)
+    assert tuple(batch.images.shape) == (4, 112, 112, 3) and str(batch.images.dtype) == "torch.uint8"
     assert set(batch.labels.tolist()) <= {0, 1, 2}
     # The backbone stage finds the shards, the class count and the validation pairs.
     from facepipe.data.shards import pair_tables

@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TINY = [
     "synth.identities=30", "synth.images_per_identity=6", "synth.pairs=100", "synth.workers=1",
+    "synth.protocol_subjects=6",
     "decode.workers=1", "train_backbone.epochs=1", "train_backbone.batch_size=32",
     "train_uncertainty.epochs=1", "train_uncertainty.classes_per_batch=8",
     "train_uncertainty.images_per_class=2", "train_uncertainty.batch_size=32",  # DUL: plain batches
@@ -52,6 +53,7 @@ def test_demo_runs_twice_and_stops_its_services(tmp_path):
     assert "facepipe demo finished" in first.stdout
     assert "facepipe-backbone v1" in first.stdout and "facepipe-probface v1" in first.stdout
     assert "facepipe-dul v1" in first.stdout
+    assert "facepipe-backbone v2" in first.stdout  # the fine-tuned backbone (triplets + centre term)
     assert "champion" in first.stdout and "mlflow ui" in first.stdout
     assert "prefect server start" in first.stdout
     summary = json.loads((workdir / "reports" / "demo-summary.json").read_text())
@@ -59,6 +61,9 @@ def test_demo_runs_twice_and_stops_its_services(tmp_path):
     assert {m["name"] for m in summary["models"]} == names
     assert summary["data_version"]  # the raw dataset was versioned with DVC
     assert list((workdir / "reports").glob("facepipe-probface-v1/plots/*/roc.png"))
+    _check_protocol_reports(workdir, summary)
+    assert "    ijb: 1:1 AUC " in first.stdout
+    assert "    video (set-to-set, accuracy by fusion): mean " in first.stdout
     _check_comparison_report(workdir, summary, first.stdout)
     assert _children_named(workdir) == []
 
@@ -70,6 +75,23 @@ def test_demo_runs_twice_and_stops_its_services(tmp_path):
     assert all(stages[name] == "up to date" for name in stages if not name.startswith("benchmark")), stages
     _check_comparison_report(workdir, summary, second.stdout)
     assert _children_named(workdir) == []
+
+
+def _check_protocol_reports(workdir: Path, summary: dict) -> None:
+    """Every benchmarked version has its verification, IJB (1:1 + 1:N) and video reports, named in the
+    summary; the fine-tuned backbone (v2) is benchmarked beside the one it started from."""
+    benchmark = summary["benchmark"]
+    assert {"models:/facepipe-backbone/1", "models:/facepipe-backbone/2"} <= set(benchmark)
+    for uri, reports in benchmark.items():
+        assert {"metrics", "ijb/metrics", "ijb/identification/metrics", "video/metrics"} <= set(reports), uri
+    for folder in ("facepipe-backbone-v1", "facepipe-backbone-v2"):
+        report = workdir / "reports" / folder
+        one_to_n = json.loads((report / "ijb" / "identification" / "metrics.json").read_text())
+        for gallery in ("G1", "G2"):
+            assert 0 <= one_to_n["galleries"][gallery]["closed_set"]["rank_1"] <= 1
+        assert (report / "ijb" / "identification" / "cmc.png").is_file()
+        video = json.loads((report / "video" / "metrics.json").read_text())
+        assert 0 <= video["fusions"]["mean"]["accuracy"] <= 1
 
 
 def _check_comparison_report(workdir: Path, summary: dict, stdout: str) -> None:

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 TINY = {
-    "synth": {"identities": 16, "images_per_identity": 4, "pairs": 40, "workers": 1},
+    "synth": {"identities": 16, "images_per_identity": 4, "pairs": 40, "workers": 1, "protocol_subjects": 4},
     "decode": {"workers": 1, "target_mb": 1},
     "train_backbone": {"epochs": 1, "batch_size": 32, "scaling": {"num_workers": 1}},
     "train_uncertainty": {"epochs": 1, "classes_per_batch": 8, "images_per_class": 2},

@@ -41,7 +41,8 @@ def prefect_stack(tmp_path_factory):
     server = services.start_prefect_server(home)
     worker = None
     try:
-        env = server["env"]
+        # the worker asks for scheduled runs every 2 s (default 10): each run here starts sooner
+        env = {**server["env"], "PREFECT_WORKER_QUERY_SECONDS": "2"}
         services.ensure_process_pool(POOL, env)
         names = ["ingest/local", "train-backbone/local", "train-probface/local"]
         args = ["--no-prompt", "deploy", "--prefect-file", "prefect.yaml"]
@@ -58,7 +59,8 @@ def prefect_stack(tmp_path_factory):
 
 
 def run_deployment(env: dict, name: str, params: dict, timeout_s: int = 300) -> subprocess.CompletedProcess:
-    args = [services._bin("prefect"), "deployment", "run", name, "--watch", "--watch-timeout", str(timeout_s)]
+    args = [services._bin("prefect"), "deployment", "run", name, "--watch", "--watch-interval", "1"]
+    args += ["--watch-timeout", str(timeout_s)]
     for key, value in params.items():
         args += ["--param", f"{key}={json.dumps(value)}"]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout_s + 60)

@@ -47,6 +47,8 @@ def test_head_trains_on_champion_and_registers(trained, method, cache):
     assert 0.0 <= result.metrics["accuracy"] <= 1.0
     assert "val/synth_val/risk_acc_reject_30" in result.metrics
     assert result.model["name"] == f"facepipe-{method}" and result.model["champion"]
+    plots = {a.path for a in tracking.client(config.tracking).list_artifacts(result.run_id, "plots")}
+    assert {"plots/train_loss.png", "plots/accuracy_vs_rejection.png"} <= plots
 
     # the registered head model returns the backbone's embeddings and a positive uncertainty
     model = tracking.load_model(f"models:/facepipe-{method}@champion", config.tracking)
@@ -115,3 +117,13 @@ def test_finetune_with_triplets_and_centre_term(trained):
     assert steps == [1, 2, 3, 4]
     assert (result.bundle_dir / "bundle.json").is_file()
     assert 0.0 <= result.metrics["accuracy"] <= 1.0
+    # the centre term trains (its value is logged each step) and the report compares class compactness
+    from facepipe import tracking
+
+    history = tracking.client(config.tracking).get_metric_history(result.run_id, "train/centre")
+    assert len(history) == 4 and all(m.value > 0 for m in history)
+    for when in ("before", "after"):
+        assert 0.0 < result.metrics[f"centre/intra_spread_{when}"] < 2.0
+        assert -1.0 <= result.metrics[f"centre/inter_cosine_{when}"] <= 1.0
+    plots = {a.path for a in tracking.client(config.tracking).list_artifacts(result.run_id, "plots")}
+    assert {"plots/centre_spread.png", "plots/train_loss.png", "plots/roc.png"} <= plots

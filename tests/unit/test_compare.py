@@ -199,8 +199,8 @@ def test_page_renders_every_figure_in_headless_chromium(compared, tmp_path):
 
 def test_benchmark_flow_compare_step_parses(tmp_path):
     """The flow's comparison command is one facepipe's own parser accepts."""
+    from facepipe.orchestration.settings import FlowSettings
     from flows.evaluate import compare_argv
-    from flows.stages import FlowSettings
     from tests.unit.test_flows_wiring import REPO, parses
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())

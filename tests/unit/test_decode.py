@@ -22,7 +22,8 @@ from facepipe.data import recordio as rio
 from facepipe.data.decode import decode_dataset
 from facepipe.data.decode_hashing import hash_mapped
 from facepipe.data.insightface import write_training_set
-from facepipe.data.shards import ShardWriter, list_shards, read_manifest, read_pair_table
+from facepipe.data.shard_writer import ShardWriter
+from facepipe.data.shards import list_shards, read_manifest, read_pair_table
 from facepipe.data.verification_bin import write_bin
 from facepipe.errors import DataError
 from facepipe.fsutil import sha256_file

@@ -15,8 +15,10 @@ import pytest
 import yaml
 
 from facepipe.config import load_config
-from flows import stages
-from flows.stages import FlowSettings, StageFailed, retry_unless_user_error, run_stage, scaling_overrides
+from facepipe.orchestration import stage_cache
+from facepipe.orchestration.settings import FlowSettings, absolute_tracking_uri, scaling_overrides
+from facepipe.orchestration.stage_process import StageFailed
+from flows.stages import retry_unless_user_error, run_stage
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_YAML = yaml.safe_load((REPO / "prefect.yaml").read_text())
@@ -145,7 +147,7 @@ def test_flow_settings_pass_the_same_config_to_every_command(tmp_path):
     )
 
     def fp(x: FlowSettings, extra: list[str] = []) -> str:  # noqa: B006
-        return stages.fingerprint(x.config_args() + extra, x.section("train_backbone"), [], tmp_path)
+        return stage_cache.fingerprint(x.config_args() + extra, x.section("train_backbone"), [], tmp_path)
 
     assert fp(s) == fp(elsewhere)
     assert fp(s) != fp(s, ["seed=1"])
@@ -160,9 +162,9 @@ def test_flow_settings_reject_a_bad_override(tmp_path):
 
 
 def test_absolute_tracking_uri(tmp_path):
-    assert stages.absolute_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
-    assert stages.absolute_tracking_uri("sqlite:////x/m.db", tmp_path) == "sqlite:////x/m.db"
-    assert stages.absolute_tracking_uri("http://mlflow:5000", tmp_path) == "http://mlflow:5000"
+    assert absolute_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_tracking_uri("sqlite:////x/m.db", tmp_path) == "sqlite:////x/m.db"
+    assert absolute_tracking_uri("http://mlflow:5000", tmp_path) == "http://mlflow:5000"
 
 
 def test_headline_picks_the_main_numbers():
@@ -200,9 +202,9 @@ def test_run_stage_runs_once_then_skips_until_inputs_change(tmp_path, features_f
     assert not first["skipped"]
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["insightface"]["accuracy"] > 0.8
-    marker = json.loads((tmp_path / stages.STATE_DIR / "eval.json").read_text())
+    marker = json.loads((tmp_path / stage_cache.STATE_DIR / "eval.json").read_text())
     assert marker["fingerprint"] == first["fingerprint"] and marker["argv"] == argv
-    assert (tmp_path / stages.LOG_DIR / "eval.log").read_text()
+    assert (tmp_path / stage_cache.LOG_DIR / "eval.log").read_text()
 
     again = run_stage.fn(
         "eval", argv, str(tmp_path), deps=[str(features_file)], outs=["report"], params={"a": 1}
@@ -233,7 +235,7 @@ def test_user_error_fails_without_retry_and_leaves_no_marker(tmp_path):
         run_stage.fn("decode", ["decode", str(tmp_path / "absent"), "out"], str(tmp_path))
     assert err.value.permanent and err.value.returncode == 2
     assert "absent" in str(err.value)
-    assert not (tmp_path / stages.STATE_DIR / "decode.json").exists()
+    assert not (tmp_path / stage_cache.STATE_DIR / "decode.json").exists()
 
 
 def test_retry_condition_retries_crashes_but_not_user_errors(tmp_path):
@@ -253,13 +255,13 @@ def test_path_state_prefers_dvc_then_manifest(tmp_path):
     data = tmp_path / "raw"
     data.mkdir()
     (data / "a.bin").write_bytes(b"1")
-    listed = stages.path_state(data)
+    listed = stage_cache.path_state(data)
     assert "dir" in listed
     (data / "manifest.json").write_text("{}")
-    assert "manifest" in stages.path_state(data)
+    assert "manifest" in stage_cache.path_state(data)
     (tmp_path / "raw.dvc").write_text("outs:\n- md5: abc.dir\n  path: raw\n")
-    assert "dvc" in stages.path_state(data)
-    assert stages.path_state(tmp_path / "nope") == {"missing": str(tmp_path / "nope")}
+    assert "dvc" in stage_cache.path_state(data)
+    assert stage_cache.path_state(tmp_path / "nope") == {"missing": str(tmp_path / "nope")}
 
 
 # ------------------------------------------------------------- commands parse with facepipe's CLI
@@ -297,15 +299,16 @@ def test_flow_stage_commands_parse(tmp_path):
         assert parses(benchmark_argv(s, "models:/facepipe-probface/1", "data/shards", "reports/x"))
 
 
-def render_dvc(text: str, params: dict, item: str | None = None) -> str:
+def render_dvc(text: str, params: dict, item=None, key: str | None = None) -> str:
+    """DVC's `${...}` interpolation: params, and a foreach's `${item}`, `${item.field}` and `${key}`."""
     import re
 
     def value(match) -> str:
-        key = match.group(1)
-        if key == "item":
-            return str(item)
-        node = params
-        for part in key.split("."):
+        name = match.group(1)
+        if name == "key":
+            return str(key)
+        node = {"item": item, **params} if name.split(".")[0] == "item" else params
+        for part in name.split("."):
             node = node[part]
         return str(node)
 
@@ -320,11 +323,15 @@ def test_dvc_stage_commands_parse_and_params_exist():
     config_keys = set(load_config(REPO / "params.yaml").model_dump())
     names = set()
     for name, stage in dvc["stages"].items():
-        for item, body in (
-            [(i, stage["do"]) for i in stage["foreach"]] if "foreach" in stage else [(None, stage)]
-        ):
-            names.add(f"{name}@{item}" if item else name)
-            tokens = shlex.split(render_dvc(body["cmd"], params, item))
+        if "foreach" in stage:  # a list (key = the item) or a mapping of keys to items
+            each = stage["foreach"]
+            items = list(each.items()) if isinstance(each, dict) else [(i, i) for i in each]
+        else:
+            items = [(None, None)]
+        for key, item in items:
+            body = stage["do"] if key is not None else stage
+            names.add(f"{name}@{key}" if key is not None else name)
+            tokens = shlex.split(render_dvc(body["cmd"], params, item, key))
             assert tokens[0] == "facepipe", body["cmd"]
             if tokens[1] == "evaluate" and "--model" in tokens and not model_eval_available():
                 continue
@@ -332,3 +339,25 @@ def test_dvc_stage_commands_parse_and_params_exist():
             for key in body.get("params", []):
                 assert key.split(".")[0] in config_keys, key
     assert {"sample", "decode", "train-backbone", "train-pfe", "train-probface", "train-scf"} <= names
+
+
+def test_every_training_stage_has_a_deployment_and_a_dvc_stage():
+    from facepipe.uncertainty.registry import method_names
+
+    entrypoints = {dep["entrypoint"] for dep in PREFECT_YAML["deployments"]}
+    dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage in [*method_names(), "finetune"]:
+        assert f"flows/train.py:train_{stage}" in entrypoints, stage
+        assert f"train-{stage}" in dvc_stages, stage
+    assert set(method_names()) <= set(dvc_stages["benchmark"]["foreach"])
+
+
+def test_the_pipeline_pins_the_backbone_it_trained_for_the_later_stages():
+    """Heads and fine-tune build on the backbone version this run trained, not on whatever `champion`
+    names when they start (the benchmark may move it; a rerun must find every stage up to date)."""
+    import inspect
+
+    from flows.train import HEAD_FLOWS, train_finetune
+
+    for flow in [*HEAD_FLOWS.values(), train_finetune]:
+        assert "backbone_version" in inspect.signature(flow.fn).parameters, flow.name

@@ -2,7 +2,7 @@
 
 Layers, top to bottom (a module may import its own layer or any layer below it):
 
-    commands / cli                      (front door: argument parsing, printing)
+    commands / cli / orchestration      (front doors: argument parsing, printing; what the flows run)
     train                               (Ray stages, drivers)
     tracking, eval                      (MLflow registry; metrics and reports)
     models                              (backbones, margin heads, the saved-model bundle, embedding, export)
@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "commands": 5,
     "cli": 5,
     "__main__": 5,
+    "orchestration": 5,
     "train": 4,
     "tracking": 3,
     "eval": 3,

@@ -2,11 +2,15 @@
 
 Versions are checked against requirements.lock (the one place that names them) and pyproject.toml,
 commands against the `[project.scripts]` entry points and facepipe's sub-commands, so a version bump or a
-renamed command breaks these tests instead of a cluster deployment.
+renamed command breaks these tests instead of a cluster deployment. No committed infra file holds a
+secret, Ray runs with token auth everywhere and the cluster files use the tests' S3 layout. Schema
+validation of every file (and of broken copies) is in test_infra_schemas.py.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 import shlex
 import tomllib
@@ -18,6 +22,8 @@ from packaging.specifiers import SpecifierSet
 
 import facepipe
 from facepipe.cli import COMMANDS
+from tests.s3_server import S3Server
+from tools import infra_check
 from tools.lockfile import pinned_versions, public_version
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,6 +33,7 @@ SCRIPTS = PYPROJECT["project"]["scripts"]
 LOCKED = {name: public_version(v) for name, v in pinned_versions().items()}
 RAY_VERSION = LOCKED["ray"]
 PY_TAG = "py311"  # the images' Python
+BUCKET = "facepipe"  # the one bucket of the cluster files (shards/, runs/, features/, mlflow/, dvc/)
 
 
 def dependency_spec(name: str) -> SpecifierSet:
@@ -201,7 +208,15 @@ def _env_example() -> dict[str, str]:
 
 def test_compose_has_the_services():
     services = _compose()["services"]
-    for name in ("prefect-server", "prefect-db", "prefect-worker", "mlflow", "mlflow-db", "minio"):
+    for name in (
+        "prefect-server",
+        "prefect-db",
+        "prefect-worker",
+        "mlflow",
+        "mlflow-db",
+        "minio",
+        "ray-head",
+    ):
         assert name in services, name
     for name, svc in services.items():
         assert "image" in svc or "build" in svc, name
@@ -235,9 +250,8 @@ def test_compose_mlflow_uses_basic_auth_postgres_and_minio():
         env["MLFLOW_BACKEND_URI"].startswith("postgresql://")
         and "@mlflow-db:5432/" in env["MLFLOW_BACKEND_URI"]
     )
-    assert "s3://mlflow/" in script and env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
-    assert "mc mb" in "\n".join(services["minio-init"]["command"])
-    assert "local/dvc" in "\n".join(services["minio-init"]["command"])
+    assert f"s3://{BUCKET}/mlflow" in script and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert f"mc mb --ignore-existing local/{BUCKET}" in "\n".join(services["minio-init"]["command"])
 
 
 def test_compose_settings_come_from_env_without_secrets():
@@ -269,6 +283,96 @@ def test_readme_covers_scheduled_retraining():
         "ray/cluster.yaml",
         "kubernetes/raycluster.yaml",
         "kubernetes/rayjob.yaml",
+        "kubernetes/storage.yaml",
+        "kubernetes/prefect-base-job-template.json",
         "compose/docker-compose.yml",
+        "tools/infra_check.py",
     ):
         assert rel in text, rel
+    assert "untestable" in text.lower()
+
+
+# ------------------------------------------------------------------------- security and storage
+
+
+def _job_template() -> dict:
+    return json.loads(infra_check.JOB_TEMPLATE.read_text())
+
+
+def _token_env_ok(env: list[dict]) -> bool:
+    by_name = {e["name"]: e for e in env}
+    return (
+        by_name["RAY_AUTH_MODE"].get("value") == "token"
+        and "secretKeyRef" in by_name["RAY_AUTH_TOKEN"]["valueFrom"]
+    )
+
+
+def test_ray_runs_with_token_auth_in_every_cluster_file():
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        for doc in load_all(INFRA / "kubernetes" / name):
+            if doc["kind"] not in ("RayCluster", "RayJob"):
+                continue
+            spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+            templates = [
+                spec["headGroupSpec"]["template"],
+                *(g["template"] for g in spec["workerGroupSpecs"]),
+            ]
+            templates += (
+                [doc["spec"]["submitterPodTemplate"]] if "submitterPodTemplate" in doc["spec"] else []
+            )
+            for c in (c for t in templates for c in _containers(t)):
+                assert _token_env_ok(c.get("env", [])), f"{name}: {c['name']} runs without token auth"
+    pod = infra_check.render_job_template(_job_template())["spec"]["template"]["spec"]
+    assert _token_env_ok(pod["containers"][0]["env"])  # the flow run's ray:// client
+    for name, svc in _compose()["services"].items():
+        if svc.get("image", "").startswith("facepipe:"):
+            env = svc["environment"]
+            assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"].startswith("${"), name
+    raw = yaml.safe_load((INFRA / "ray" / "cluster.yaml").read_text())
+    starts = [
+        c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c
+    ]
+    assert starts and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts)
+    assert "--env RAY_AUTH_MODE=token" in raw["docker"]["run_options"]
+    assert "~/.ray/auth_token" in raw["file_mounts"]  # the token itself comes from the user's machine
+
+
+def test_cluster_files_use_the_tests_s3_layout():
+    """Same bucket layout and endpoint variables as tests/s3_server.py: shards/, runs/ in one bucket."""
+    test_vars = set(S3Server("http://127.0.0.1:1", None).env())  # AWS_* names the tests set
+    env = _compose()["services"]["prefect-worker"]["environment"]
+    assert test_vars <= env.keys() and test_vars <= _compose()["services"]["ray-head"]["environment"].keys()
+    (settings,) = [d for d in load_all(INFRA / "kubernetes" / "raycluster.yaml") if d["kind"] == "ConfigMap"]
+    assert "AWS_ENDPOINT_URL" in settings["data"]
+    (job,) = load_all(INFRA / "kubernetes" / "rayjob.yaml")
+    assert f"--shards s3://{BUCKET}/shards" in job["spec"]["entrypoint"]
+    assert f"paths.runs=s3://{BUCKET}/runs" in job["spec"]["entrypoint"]
+    overrides = yaml.safe_load((REPO / "prefect.yaml").read_text())["definitions"]["parameters"]["cluster"][
+        "overrides"
+    ]
+    assert f"paths.runs=s3://{BUCKET}/runs" in overrides and f"paths.shards=s3://{BUCKET}/shards" in overrides
+    assert f"paths.runs=s3://{BUCKET}/runs" in (INFRA / "ray" / "cluster.yaml").read_text()
+
+
+def test_no_secret_in_committed_infra_files():
+    files = [*infra_check.infra_files(), REPO / "prefect.yaml"]
+    assert any(p.name == ".env.example" for p in files)
+    assert [line for p in files for line in infra_check.secret_problems(p)] == []
+
+
+def test_secret_scan_finds_planted_secrets(tmp_path):
+    planted = copy.deepcopy(_compose())
+    planted["services"]["minio"]["environment"]["MINIO_ROOT_PASSWORD"] = "hunter2hunter2"
+    planted["x-ray"] = {"env": [{"name": "RAY_AUTH_TOKEN", "value": "3f9a0c1d2e"}]}
+    planted["x-db"] = "postgresql://mlflow:s3cret@mlflow-db:5432/mlflow"
+    (tmp_path / "compose.yml").write_text(yaml.safe_dump(planted))
+    problems = "\n".join(infra_check.secret_problems(tmp_path / "compose.yml"))
+    assert "MINIO_ROOT_PASSWORD" in problems and "RAY_AUTH_TOKEN" in problems
+    assert "a password inside a URL" in problems
+    env = tmp_path / ".env.example"
+    env.write_text(
+        "RAY_AUTH_TOKEN=CHANGE-ME\nAWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG\nKEY_ID=AKIAIOSFODNN7EXAMPLE\n"
+    )
+    problems = "\n".join(infra_check.secret_problems(env))
+    assert "line 2: AWS_SECRET_ACCESS_KEY" in problems and "AWS access key id" in problems
+    assert "line 1" not in problems  # the placeholder is fine

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from facepipe.data.loader import ShardLoader, decode_rows, shard_units
 from facepipe.errors import DataError, FacepipeError
@@ -96,9 +97,9 @@ def test_batches_match_plan_and_resume(shards):
         assert np.array_equal(a.labels.numpy(), b.labels.numpy())
     labels = np.concatenate([b.labels.numpy() for b in full])
     assert sorted(labels) == sorted(_keys_of(loader, 1) // 5)
-    images = full[0].images
-    assert tuple(images.shape) == (12, 3, 16, 16) and images.dtype.is_floating_point
-    assert float(images.min()) >= -1.0 and float(images.max()) <= 1.0
+    images = full[0].images  # uint8 NHWC: the training step normalises on its device
+    assert tuple(images.shape) == (12, 16, 16, 3) and images.dtype == torch.uint8
+    assert images[..., 2].amax(dim=(1, 2)).tolist() == [200] * 12  # every image's blue half, unscaled
 
 
 def test_process_mode_gives_same_batches(shards):
@@ -118,6 +119,29 @@ def test_colour_order_and_flip(shards):
     assert rgb[0, 0, 0, 2] == 200 and rgb[0, 0, -1, 2] == 0  # blue on the left, RGB order
     assert rgb[1, 0, -1, 2] == 200  # flipped: blue on the right
     assert bgr.shape == (2, 8, 8, 3) and bgr[0, 0, 0, 0] == 200
+    # BGR decoding + a colour swap gives RGB decoding's bytes (libjpeg-turbo emits RGB directly)
+    bgr16, _ = decode_rows(pieces, np.array([False, True]), (16, 16), "BGR")
+    assert np.array_equal(bgr16[..., ::-1], rgb)
+
+
+def test_decodes_into_the_given_batch_buffer(shards):
+    pieces = [(str(shards[0]), 0, np.array([3, 4, 5]))]
+    buffer = np.zeros((3, 16, 16, 3), np.uint8)
+    images, _ = decode_rows(pieces, np.zeros(3, bool), (16, 16), "RGB", out=buffer)
+    assert images is buffer and buffer[:, 0, 0, 2].tolist() == [200] * 3
+    with pytest.raises(FacepipeError, match="batch buffer"):
+        decode_rows(pieces, np.zeros(3, bool), (16, 16), "RGB", out=np.zeros((2, 16, 16, 3), np.uint8))
+
+
+def test_decode_pool_follows_the_cores_given():
+    import os
+
+    from facepipe.data.loader_plan import assigned_cores, decode_workers
+
+    cores = len(os.sched_getaffinity(0))  # outside Ray: the affinity mask
+    assert assigned_cores() == cores
+    assert decode_workers(None) == decode_workers(0) == cores
+    assert decode_workers(cores + 5) == cores and decode_workers(1) == 1
 
 
 def test_bad_image_names_shard_and_row(tmp_path):

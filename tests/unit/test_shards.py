@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from facepipe.data import shards
+from facepipe.data import shard_writer, shards
+from facepipe.data.shard_writer import ShardWriter
 from facepipe.errors import DataError
 from facepipe.fsutil import sha256_file
 
@@ -38,7 +39,7 @@ def _rows(n: int, image_bytes: int = 1000, start: int = 0) -> pa.Table:
 
 
 def test_writer_rolls_files_and_bounds_row_groups(tmp_path):
-    with shards.ShardWriter(tmp_path, target_bytes=10_000, row_group_bytes=3_000) as writer:
+    with ShardWriter(tmp_path, target_bytes=10_000, row_group_bytes=3_000) as writer:
         writer.write(_rows(25))
         writer.write(_rows(7, start=25).to_batches()[0])
         written = writer.close()
@@ -59,13 +60,13 @@ def test_writer_rolls_files_and_bounds_row_groups(tmp_path):
 
 
 def test_start_index_and_single_huge_row(tmp_path):
-    with shards.ShardWriter(tmp_path, prefix="x", target_bytes=100, start_index=7) as writer:
+    with ShardWriter(tmp_path, prefix="x", target_bytes=100, start_index=7) as writer:
         writer.write(_rows(2, image_bytes=500))
     assert [p.name for p in sorted(tmp_path.glob("*.parquet"))] == ["x-00007.parquet", "x-00008.parquet"]
 
 
 def test_failed_write_leaves_no_shard(tmp_path):
-    with pytest.raises(RuntimeError), shards.ShardWriter(tmp_path) as writer:
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path) as writer:
         writer.write(_rows(3))
         raise RuntimeError("crash mid-shard")
     assert list(tmp_path.iterdir()) == []
@@ -78,11 +79,11 @@ import resource, signal, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
 from pathlib import Path
 from tests.unit.test_shards import _rows
-from facepipe.data import shards
+from facepipe.data.shard_writer import ShardWriter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
 try:
-    with shards.ShardWriter(Path({str(tmp_path)!r})) as writer:
+    with ShardWriter(Path({str(tmp_path)!r})) as writer:
         writer.write(_rows(30, image_bytes=100_000))
 except OSError as err:
     print("raised", err)
@@ -97,14 +98,14 @@ def test_writer_that_cannot_start_leaves_no_temp_file(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(shards.pq, "ParquetWriter", broken)
-    with pytest.raises(OSError, match="Input/output"), shards.ShardWriter(tmp_path) as writer:
+    monkeypatch.setattr(shard_writer.pq, "ParquetWriter", broken)
+    with pytest.raises(OSError, match="Input/output"), ShardWriter(tmp_path) as writer:
         writer.write(_rows(3))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_empty_shard_kept_on_request(tmp_path):
-    writer = shards.ShardWriter(tmp_path)
+    writer = ShardWriter(tmp_path)
     written = writer.close(keep_empty=True)
     assert written[0]["rows"] == 0 and pq.read_table(written[0]["path"]).num_rows == 0
 
@@ -154,7 +155,7 @@ def test_pair_table(tmp_path):
 def test_reader_streams_and_decodes(tmp_path):
     images = [_jpeg(i) for i in range(5)]
     table = pa.table({"key": range(5), "label": [0] * 5, "image": images, "dataset": ["d"] * 5})
-    with shards.ShardWriter(tmp_path, row_group_bytes=1) as writer:
+    with ShardWriter(tmp_path, row_group_bytes=1) as writer:
         writer.write(table)
     batches = list(
         shards.iter_shard_batches(shards.list_shards(tmp_path), columns=["key", "image"], batch_rows=2)
@@ -196,7 +197,7 @@ def test_shard_bytes_equal_a_plain_arrow_write(tmp_path, metadata):
     the file must be byte for byte what pyarrow writes for the schema, and read back as that schema."""
     schema = shards.TRAIN_SCHEMA.with_metadata(metadata) if metadata else shards.TRAIN_SCHEMA
     rows = shards.conform(_rows(50, image_bytes=700), schema)
-    with shards.ShardWriter(tmp_path / "ours", row_group_bytes=20 * 700, schema=schema) as writer:
+    with ShardWriter(tmp_path / "ours", row_group_bytes=20 * 700, schema=schema) as writer:
         writer.write(rows.slice(0, 30))
         writer.write(rows.slice(30))
     path = Path(writer.written[0]["path"])

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from facepipe.cli import main
+from facepipe.data import synth_baselines as SB
 from facepipe.data import synth_render as sr
 from facepipe.data import synthetic as S
 from facepipe.data.insightface import open_training_set
@@ -164,11 +165,11 @@ def test_degradation_drives_damage() -> None:
 
 def test_ten_fold_accuracy() -> None:
     issame = np.arange(200) % 2 == 0
-    assert S.ten_fold_accuracy(np.where(issame, 0.9, 0.1), issame) == 1.0
-    assert S.ten_fold_accuracy(np.where(issame, 0.1, 0.9), issame) == 0.5  # "same" means a higher score
+    assert SB.ten_fold_accuracy(np.where(issame, 0.9, 0.1), issame) == 1.0
+    assert SB.ten_fold_accuracy(np.where(issame, 0.1, 0.9), issame) == 0.5  # "same" means a higher score
     noise = np.random.default_rng(0).random(200)
-    assert 0.35 < S.ten_fold_accuracy(noise, issame) < 0.65
-    t, acc = S.best_threshold(np.array([0.1, 0.2, 0.3, 0.4]), np.array([False, True, False, True]))
+    assert 0.35 < SB.ten_fold_accuracy(noise, issame) < 0.65
+    t, acc = SB.best_threshold(np.array([0.1, 0.2, 0.3, 0.4]), np.array([False, True, False, True]))
     assert acc == 0.75 and 0.1 <= t < 0.4
 
 
@@ -180,9 +181,9 @@ def test_baselines_within_limits() -> None:
     assert base["hog_cosine_acc"] <= 0.80
     # the feature code itself works: an image against itself scores a perfect match
     same = S.PairSet("self", [pair_set.images[0]] * 2 + pair_set.images[:2], [True, False], pair_set.rows[:2])
-    grey = S.decode_grey(same.images)
-    assert S.pair_cosine(S.pixel_features(grey))[0] == pytest.approx(1.0)
-    assert S.pair_cosine(S.hog_features(grey))[0] == pytest.approx(1.0)
+    grey = SB.decode_grey(same.images)
+    assert SB.pair_cosine(SB.pixel_features(grey))[0] == pytest.approx(1.0)
+    assert SB.pair_cosine(SB.hog_features(grey))[0] == pytest.approx(1.0)
 
 
 def test_bad_flags_are_user_errors(tmp_path: Path, capsys) -> None:

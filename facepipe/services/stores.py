@@ -1,0 +1,100 @@
+"""MLflow (SQLite, or a tracking server over HTTP) and a DVC project with a local remote."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from facepipe.errors import FacepipeError
+from facepipe.services.process import (
+    ServiceHandle,
+    _bin,
+    _spawn,
+    _wait_until,
+    free_port,
+    http_ok,
+)
+
+# ---------------------------------------------------------------------------------------------- MLflow
+
+
+def mlflow_local(root: str | os.PathLike) -> ServiceHandle:
+    """MLflow on SQLite in `root`: nothing runs, so stop() has nothing to end.
+
+    info: tracking_uri (sqlite:///<root>/mlflow.db), artifacts (<root>/artifacts), ui_command.
+    """
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    artifacts = root / "artifacts"
+    info = {
+        "tracking_uri": tracking_uri,
+        "artifacts": str(artifacts),
+        "ui_command": f"mlflow ui --backend-store-uri {tracking_uri} --default-artifact-root {artifacts}",
+    }
+    return ServiceHandle(name="mlflow (sqlite)", info=info)
+
+
+def start_mlflow_server(
+    backend_uri: str,
+    artifacts_dir: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    log_path: str | os.PathLike | None = None,
+    timeout_s: float = 180.0,
+) -> ServiceHandle:
+    """An MLflow tracking server (UI + REST + artifact proxy) over `backend_uri`. info: url."""
+    port = port or free_port(host)
+    artifacts = Path(artifacts_dir).resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        _bin("mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1",
+        "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
+    ]  # fmt: skip
+    handle = _spawn(
+        f"mlflow server {host}:{port}",
+        cmd,
+        dict(os.environ),
+        Path(log_path or artifacts.parent / "mlflow.log"),
+    )
+    url = f"http://{host}:{port}"
+    handle.info.update(url=url, tracking_uri=url)
+    _wait_until(handle, lambda: http_ok(f"{url}/health"), timeout_s, "healthy server")
+    return handle
+
+
+# ------------------------------------------------------------------------------------------------- DVC
+
+
+def _dvc(args: list[str], cwd: Path) -> str:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    proc = subprocess.run([_bin("dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise FacepipeError(
+            f"dvc {' '.join(args)} in {cwd} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+        )
+    return proc.stdout
+
+
+def ensure_dvc_repo(
+    workdir: str | os.PathLike, remote_dir: str | os.PathLike, remote_name: str = "local"
+) -> ServiceHandle:
+    """Make `workdir` a DVC project whose default remote is the folder `remote_dir`.
+
+    A git work tree root gets a normal `dvc init`; any other folder (e.g. a demo folder inside a clone)
+    gets `dvc init --no-scm`, so its files never touch the surrounding repository. Nothing runs, so the
+    handle's stop() is a no-op. info: root, remote, remote_url.
+    """
+    root = Path(workdir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    remote = Path(remote_dir).resolve()
+    remote.mkdir(parents=True, exist_ok=True)
+    if not (root / ".dvc").is_dir():
+        _dvc(["init"] if (root / ".git").exists() else ["init", "--no-scm"], root)
+        _dvc(["config", "core.analytics", "false"], root)
+    _dvc(["remote", "add", "--default", "--force", remote_name, str(remote)], root)
+    return ServiceHandle(
+        name=f"dvc remote {remote_name}",
+        info={"root": str(root), "remote": remote_name, "remote_url": str(remote)},
+    )
