@@ -1,6 +1,6 @@
 """Benchmark: the training input pipeline vs a plain two-process decode loop and vs Ray Data.
 
-    python bench/loader.py [--shards DIR] [--images 6000] [--batch 128] [--workers 2]
+    python bench/loader.py [--shards DIR] [--images 6000] [--batch 128] [--workers 2] [--s3]
 
 Prints one JSON object: `images_s` (ShardLoader, default mode, an epoch of shuffled, flipped uint8
 batches: the float normalisation now runs on the training device, see `cpu_normalise_images_s` for
@@ -17,6 +17,9 @@ local 2-CPU Ray started here (`read_parquet` -> `map_batches` doing the same dec
 normalise to float NCHW -> `iter_torch_batches`), with `ratio_vs_ray_data` = images_s / that rate,
 and `ray_data_uint8_images_s` / `ratio_vs_ray_data_uint8` for a tuned variant that ships uint8 images
 through the object store and normalises them in `iter_torch_batches`' collate threads.
+With `--s3`, the same shards are copied into a bucket of a moto S3 server started on 127.0.0.1 and
+the loader streams them from there (range reads of row groups): `s3_images_s` and
+`ratio_s3_vs_local` (goal >= 0.9; the server's own CPU comes out of the same two cores).
 Runs are interleaved so load from elsewhere on the machine hits all alike; the best of `--repeats`
 is kept. Without --shards it writes synthetic 112x112 JPEG shards to a temp dir first.
 """
@@ -27,6 +30,7 @@ import argparse
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import statistics
 import subprocess
 import sys
@@ -98,7 +102,7 @@ def baseline(paths: list[Path]) -> float:
         return total / (time.perf_counter() - t0)
 
 
-def loader_rate(paths: list[Path], batch: int, workers: int, mode: str, size: int) -> tuple[float, int]:
+def loader_rate(paths: list, batch: int, workers: int, mode: str, size: int) -> tuple[float, int]:
     """(images/s of one epoch, decode threads or processes the loader ran)."""
     from facepipe.data.loader import ShardLoader
 
@@ -107,6 +111,31 @@ def loader_rate(paths: list[Path], batch: int, workers: int, mode: str, size: in
         t0 = time.perf_counter()
         n = sum(len(b.labels) for b in loader.epoch(0))
         return n / (time.perf_counter() - t0), loader.workers
+
+
+@contextlib.contextmanager
+def s3_copy(paths: list[Path], tmp: Path):
+    """The same shards in a bucket of a moto S3 server started here on 127.0.0.1 (stopped after)."""
+    from facepipe import storage
+    from tests.s3_server import start_s3_server
+
+    server = start_s3_server(tmp / "moto.log")
+    saved = {k: os.environ.get(k) for k in server.env()}
+    try:
+        os.environ.update(server.env())
+        server.create_bucket("bench")
+        uris = []
+        for path in paths:
+            uris.append(f"s3://bench/shards/{path.parent.name}/{path.name}")
+            storage.write_bytes(uris[-1], path.read_bytes())
+        yield uris
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def payloads(paths: list[Path]) -> list[np.ndarray]:
@@ -261,6 +290,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-ray-data", action="store_true", help="skip the Ray Data comparison")
+    parser.add_argument(
+        "--s3", action="store_true", help="also stream the shards from a local moto S3 server"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.shards:
@@ -283,14 +315,17 @@ def main() -> None:
         # the baseline's processes, which would tilt the comparison.
         rows = sum(u.rows for u in shard_units(paths))
         blobs = payloads(paths)
-        base, thread, process, decode, ray_data, ray_data_u8 = [], [], [], [], [], []
+        base, thread, process, decode, ray_data, ray_data_u8, s3 = [], [], [], [], [], [], []
         threads = 1
-        for _ in range(args.repeats):
-            base.append(baseline(paths))
-            rate, threads = loader_rate(paths, args.batch, args.workers, "thread", size)
-            thread.append(rate)
-            decode.append(decode_only_rate(blobs))
-            process.append(loader_rate(paths, args.batch, args.workers, "process", size)[0])
+        with s3_copy(paths, Path(tmp)) if args.s3 else contextlib.nullcontext() as uris:
+            for _ in range(args.repeats):
+                base.append(baseline(paths))
+                rate, threads = loader_rate(paths, args.batch, args.workers, "thread", size)
+                thread.append(rate)
+                decode.append(decode_only_rate(blobs))
+                process.append(loader_rate(paths, args.batch, args.workers, "process", size)[0])
+                if uris:
+                    s3.append(loader_rate(uris, args.batch, args.workers, "thread", size)[0])
         per_thread = [r / threads for r in thread]
         large = write_shards(Path(tmp) / "large", 10 * rows, size=size)
         rss_small, rss_large = peak_rss_mb(paths, args.batch, 10), peak_rss_mb(large, args.batch)
@@ -327,6 +362,13 @@ def main() -> None:
         "rss_mb_large": round(rss_large, 1),
         "rss_window_rows": 2 * args.batch,
     }
+    if s3:  # the moto server shares this machine's cores with the loader, unlike a real endpoint
+        out |= {
+            "s3_images_s": round(max(s3), 1),
+            "s3_images_s_median": round(med(s3), 1),
+            "ratio_s3_vs_local": round(max(s3) / max(thread), 3),
+            "ratio_s3_vs_local_median": round(med(s3) / med(thread), 3),
+        }
     if ray_data:
         out |= {
             "ray_data_images_s": round(max(ray_data), 1),
