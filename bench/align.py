@@ -49,7 +49,7 @@ def build_folder(root: Path, count: int) -> tuple[Path, Path]:
     else:
         import cv2
 
-        from facepipe.data.align import TEMPLATES
+        from facepipe.data.align.job import TEMPLATES
 
         rng = np.random.default_rng(0)
         points = np.array(TEMPLATES["arcface"].points) * 3 + 40
@@ -87,7 +87,7 @@ def child(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         count = len(files)
     else:
-        from facepipe.data.align import AlignSettings, run_align
+        from facepipe.data.align.job import AlignSettings, run_align
 
         detect = args.case.startswith("detect")
         max_side = 640 if args.case == "detect640" else 1024

@@ -44,7 +44,7 @@ def build_folder(root: Path, images: int) -> tuple[Path, Path]:
     import cv2
     import numpy as np
 
-    from facepipe.data.align import TEMPLATES
+    from facepipe.data.align.job import TEMPLATES
 
     src = root / "src"
     points = np.array(TEMPLATES["arcface"].points) * 3 + 40
@@ -61,7 +61,7 @@ def build_folder(root: Path, images: int) -> tuple[Path, Path]:
 
 
 def child(src: str, marks: str, out: str) -> None:
-    from facepipe.data.align import AlignSettings, run_align
+    from facepipe.data.align.job import AlignSettings, run_align
 
     result = run_align(src, out, AlignSettings(), landmarks_file=marks, workers=1, contact_sheet=False)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -58,7 +58,7 @@ IMAGES_PER_CLASS = 20
 
 def generate(folder: Path, size_mb: float, seed: int = 0) -> dict:
     """RecBuilder layout, payload lengths ~ N(5200, 700) like 112x112 JPEGs at q95."""
-    from facepipe.data.insightface import write_training_set
+    from facepipe.data.formats.insightface import write_training_set
 
     rng = np.random.default_rng(seed)
     target = int(size_mb * MB)
@@ -103,10 +103,10 @@ def child_convert(src: str, out: str, workers: int, warm_src: str | None = None)
     # Import what decode imports lazily first: start-up is not throughput (the floor child does the same).
     import pyarrow.parquet  # noqa: F401
 
+    import facepipe.data.formats.verification_bin  # noqa: F401
     import facepipe.data.shards  # noqa: F401
-    import facepipe.data.verification_bin  # noqa: F401
     import facepipe.progress  # noqa: F401
-    from facepipe.data.decode import decode_dataset
+    from facepipe.data.decode.job import decode_dataset
 
     if warm_src is not None:  # first uses (thread pools, Parquet writer, lazy imports), as the floor warms
         decode_dataset([warm_src], f"{out}-warm", target_bytes=256 << 20, workers=workers)
@@ -137,8 +137,8 @@ def child_floor(src: str, out: str, source_hash: str | None = None) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from facepipe.data.decode_hashing import new_hash, sha256_mapped
-    from facepipe.data.recordio import header_label, read_records, unpack
+    from facepipe.data.decode.hashing import new_hash, sha256_mapped
+    from facepipe.data.formats.recordio import header_label, read_records, unpack
     from facepipe.data.shards import DEFAULT_ROW_GROUP_BYTES, TRAIN_SCHEMA, _writer_options, conform
 
     # Build the table of the same rows first (not timed).
@@ -199,8 +199,8 @@ def child_floor(src: str, out: str, source_hash: str | None = None) -> dict:
 
 
 def child_read_by_key(src: str, count: int) -> dict:
-    from facepipe.data.insightface import open_training_set
-    from facepipe.data.recordio import IndexedRecordFile, unpack
+    from facepipe.data.formats.insightface import open_training_set
+    from facepipe.data.formats.recordio import IndexedRecordFile, unpack
 
     ts = open_training_set(src)
     keys = (
@@ -262,7 +262,7 @@ def main() -> None:
         small = generate(work / "small", size_mb / 10, seed=1)
         for info in (big, small):
             _warm(info["rec"])
-        from facepipe.data.decode_hashing import DEFAULT_SOURCE_HASH
+        from facepipe.data.decode.hashing import DEFAULT_SOURCE_HASH
 
         convert, one_worker, floor, hashed, hashed_as_convert = [], [], [], [], []
         for _ in range(repeats):  # interleaved, so load changes on a shared machine hit all alike

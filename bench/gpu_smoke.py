@@ -62,8 +62,8 @@ SIZES: dict[str, dict[str, Any]] = {
 
 def make_dataset(root: Path, size: dict[str, Any]) -> Path:
     """Generated InsightFace-layout data decoded into shards (what `facepipe synth` + `decode` write)."""
-    from facepipe.data.decode import decode_dataset
-    from facepipe.data.synthetic import SynthConfig, generate
+    from facepipe.data.decode.job import decode_dataset
+    from facepipe.data.synth.generate import SynthConfig, generate
 
     synth = SynthConfig(
         identities=size["identities"],

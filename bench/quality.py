@@ -67,8 +67,8 @@ def _config(args: argparse.Namespace, seed: int, root: Path) -> Any:
 
 
 def _prepare(config: Any) -> dict[str, float]:
-    from facepipe.data.decode import decode_dataset
-    from facepipe.data.synthetic import SynthConfig, generate
+    from facepipe.data.decode.job import decode_dataset
+    from facepipe.data.synth.generate import SynthConfig, generate
 
     t0 = time.monotonic()
     s = config.synth

@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from facepipe.data import synth_baselines as SB
-from facepipe.data import synthetic as S
+from facepipe.data.synth import baselines as SB
+from facepipe.data.synth import generate as S
 
 
 def _decode_colour(images: list[bytes], side: int) -> np.ndarray:
@@ -39,9 +39,9 @@ def _load_written(folder: str, set_names: list[str]) -> tuple[list[bytes], np.nd
     """Training images/labels and pair sets from a folder `facepipe synth` wrote (read, not re-rendered)."""
     import pyarrow.parquet as pq
 
-    from facepipe.data.insightface import open_training_set
-    from facepipe.data.recordio import IndexedRecordFile, header_label, unpack
-    from facepipe.data.verification_bin import load_bin
+    from facepipe.data.formats.insightface import open_training_set
+    from facepipe.data.formats.recordio import IndexedRecordFile, header_label, unpack
+    from facepipe.data.formats.verification_bin import load_bin
 
     ts = open_training_set(folder)
     images, labels = [], []

@@ -33,8 +33,8 @@ def _thread_env(threads: int) -> None:
 
 
 def make_dataset(root: Path) -> Path:
-    from facepipe.data.decode import decode_dataset
-    from facepipe.data.synthetic import SynthConfig, generate
+    from facepipe.data.decode.job import decode_dataset
+    from facepipe.data.synth.generate import SynthConfig, generate
 
     generate(root / "raw", SynthConfig(identities=100, images_per_identity=10, pairs=100, size=112))
     decode_dataset([root / "raw"], root / "shards", workers=1)

@@ -7,6 +7,7 @@ sits at the bottom of the package: nothing here knows about training.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +35,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         kwargs["address"] = address
     else:
         kwargs.update(num_cpus=num_cpus, include_dashboard=False)
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as err:
+        # the head starts one Ray Client server per connection and gives it a fixed time to come
+        # up, which a loaded head can miss ("Starting Ray client server failed"): try once more
+        if not str(address or "").startswith("ray://") or "client server failed" not in str(err):
+            raise
+        time.sleep(2.0)
+        ray.init(**kwargs)
     return True
 
 

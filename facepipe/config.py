@@ -101,6 +101,9 @@ class ScalingConfig(Section):
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Ray's placement of the workers' bundles: PACK fills one node first (fast collectives); SPREAD
+    # puts them on different nodes where it can (and still runs when fewer nodes are left)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class OptimConfig(Section):

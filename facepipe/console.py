@@ -96,7 +96,8 @@ class _FilteredStream(io.TextIOBase):
         self.console.flush()
 
     def isatty(self) -> bool:
-        return self.console.isatty()
+        # colorama asks at interpreter exit, when pytest's capture may have closed the console
+        return not self.console.closed and self.console.isatty()
 
     def fileno(self) -> int:  # subprocesses started meanwhile write to the real console
         return self.console.fileno()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from facepipe.data.image_header import add_max_pixels_option
+from facepipe.data.formats.image_header import add_max_pixels_option
 
 _DESCRIPTION = """\
 Align every face of SRC to a 5-point template and write training shards that the
@@ -137,7 +137,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from facepipe.config import load_config
-    from facepipe.data.align import AlignSettings, run_align
+    from facepipe.data.align.job import AlignSettings, run_align
     from facepipe.errors import FacepipeError
     from facepipe.progress import summary
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from facepipe.data.decode_hashing import DEFAULT_SOURCE_HASH, SOURCE_HASHES
-from facepipe.data.image_header import add_max_pixels_option
+from facepipe.data.decode.hashing import DEFAULT_SOURCE_HASH, SOURCE_HASHES
+from facepipe.data.formats.image_header import add_max_pixels_option
 from facepipe.errors import FacepipeError
 
 
@@ -68,7 +68,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from facepipe.data.decode import decode_dataset
+    from facepipe.data.decode.job import decode_dataset
     from facepipe.progress import summary
 
     if len(args.paths) < 2:

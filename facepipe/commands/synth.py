@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from facepipe.data.synthetic import SynthConfig, generate
+    from facepipe.data.synth.generate import SynthConfig, generate
     from facepipe.errors import FacepipeError
     from facepipe.progress import summary
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise FacepipeError("--protocol-subjects must be >= 2")
     lines: dict[str, object] = {"folder": os.path.abspath(args.out)}
     if kinds:
-        from facepipe.data.synth_protocols import write_protocols
+        from facepipe.data.synth.protocols import write_protocols
 
         for kind, info in write_protocols(args.out, cfg, kinds, args.protocol_subjects).items():
             counts = ", ".join(f"{v} {k}" for k, v in info.items() if k != "tables")

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from facepipe.data.decode_hashing import AppendHasher
+from facepipe.data.decode.hashing import AppendHasher
 from facepipe.data.shards import (
     DEFAULT_ROW_GROUP_BYTES,
     TRAIN_SCHEMA,

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from facepipe.data.image_header import DEFAULT_MAX_PIXELS, size_problem
+from facepipe.data.formats.image_header import DEFAULT_MAX_PIXELS, size_problem
 from facepipe.errors import DataError
 from facepipe.fsutil import atomic_path, write_json_atomic
 from facepipe.storage import is_remote, join, list_files, open_input_file, read_text

@@ -1,8 +1,8 @@
 """From a photo (or an encoded aligned face) to a registered model's embedding, uncertainty and score.
 
-The path a user's photo takes is the training data's path: YuNet detection (`facepipe.data.detect`,
+The path a user's photo takes is the training data's path: YuNet detection (`facepipe.data.align.detect`,
 the align stage's detector), the five-point similarity warp to the template that matches the model's
-input size (`facepipe.data.align_geometry`), the model's colour order and the training normalisation
+input size (`facepipe.data.align.geometry`), the model's colour order and the training normalisation
 (`facepipe.models.embed`). `verify`, `embed` and the registered pyfunc all go through `FaceModel`, so a
 photo scores the same from the command line and over HTTP.
 """
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from facepipe.data.align_codec import decode_image
-from facepipe.data.align_geometry import TEMPLATES, align_face
-from facepipe.data.image_header import size_problem
+from facepipe.data.align.codec import decode_image
+from facepipe.data.align.geometry import TEMPLATES, align_face
+from facepipe.data.formats.image_header import size_problem
 from facepipe.errors import DataError, FacepipeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -84,14 +84,14 @@ class PhotoAligner:
     def __init__(
         self, detector_model: str | os.PathLike, input_size: tuple[int, int], min_score: float = 0.6
     ):
-        from facepipe.data.detect import cached_detector
+        from facepipe.data.align.detect import cached_detector
 
         self.detector = cached_detector(detector_model, min_score)
         self.min_score = float(min_score)
         self.template = template_for(input_size)
 
     def align(self, image: np.ndarray, where: str) -> AlignedFace:
-        from facepipe.data.detect import pick_main_face
+        from facepipe.data.align.detect import pick_main_face
 
         faces = [f for f in self.detector.detect(image) if f.score >= self.min_score]
         face = pick_main_face(faces, image.shape)

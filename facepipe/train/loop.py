@@ -36,10 +36,10 @@ from facepipe.data.sampling import epoch_plan, unit_labels, windows
 from facepipe.errors import FacepipeError
 from facepipe.train.checkpoint import load_training_state, save_training_state
 from facepipe.train.collective import all_agree
+from facepipe.train.mailbox import EventLog
 from facepipe.train.nonfinite import nonfinite_flag, record_nonfinite
 from facepipe.train.ray_job import set_threads, worker_context
 from facepipe.train.schedule import BudgetSchedule, lr_factor
-from facepipe.train.stage import EventLog
 
 WINDOW_ROWS = 8192  # rows per planning window: whole classes, a bounded set of row groups
 
@@ -111,7 +111,7 @@ class StageLoop:
         self.settings = getattr(self.config, self.section)
         self.rank, self.world, self.node = worker_context()
         self.device = ray.train.torch.get_device()
-        self.events = EventLog(cfg.get("events_path"))
+        self.events = EventLog(cfg.get("mailbox"))
         torch.manual_seed(self.settings.seed)  # identical initialisation on every rank
         np.random.seed(self.settings.seed + self.rank)
         self.step = 0
@@ -298,7 +298,7 @@ class StageLoop:
                     # every rank stops here together; a rank whose own loss is bad leaves its record for
                     # the driver (plain return: a raise would make Ray retry a deterministic failure)
                     where = f"epoch {epoch}, batch {index} (step {self.step + 1}, rank {self.rank})"
-                    record_nonfinite(loss, where, self.cfg["error_dir"], self.rank, self.step, self.events)
+                    record_nonfinite(loss, where, self.rank, self.step, self.events)
                     self.metrics_log.flush()
                     return
                 self.optimizer.zero_grad(set_to_none=True)

@@ -36,7 +36,7 @@ from facepipe.config import Config
 from facepipe.config import ScalingConfig as ScalingSection
 from facepipe.errors import FacepipeError
 from facepipe.fsutil import absolute_tracking_uri
-from facepipe.train.nonfinite import clear_records, raise_recorded_failure
+from facepipe.train.mailbox import Mailbox
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,10 @@ def run_training(
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -162,26 +165,23 @@ def launch_stage(
     """Run one training stage's `loop` on Ray Train and return its outcome, which has a checkpoint.
 
     The loop gets `stage_config` plus the keys every stage's loop reads: `config` (plain data, paths
-    absolute), `tracking_uri` and `run_id` (None when `run_id` is None: no tracking), `events_path`
-    and `error_dir` (`<paths.runs>/<name>/errors`, for `facepipe.train.nonfinite`). Raises the
+    absolute), `tracking_uri` and `run_id` (None when `run_id` is None: no tracking) and `mailbox`
+    (`facepipe.train.mailbox`: events for `events_path`, non-finite records). Raises the
     `NonFiniteLossError` a worker recorded, or `FacepipeError` when the run fails or ends without a
     checkpoint. `max_failures` defaults to `train_backbone.max_failures`.
     """
-    error_dir = local_run_dir(config.paths.runs, name) / "errors"
-    clear_records(error_dir)
     loop_config = {
         "config": worker_config(config),
         "tracking_uri": absolute_tracking_uri(config.tracking.tracking_uri) if run_id else None,
         "run_id": run_id,
-        "events_path": str(Path(events_path).resolve()) if events_path else None,
-        "error_dir": str(error_dir),
         **stage_config,
     }
     if max_failures is None:
         max_failures = config.train_backbone.max_failures
-    with ray_session(scaling.address):
+    with ray_session(scaling.address), Mailbox(events_path) as mailbox:
+        loop_config["mailbox"] = mailbox.handle
         outcome = run_training(loop, loop_config, scaling, config.paths.runs, name, max_failures=max_failures)
-    raise_recorded_failure(error_dir)  # before the checkpoint check: a stop at step 1 leaves none
+    mailbox.raise_nonfinite()  # before the checkpoint check: a stop at step 1 leaves none
     if outcome.checkpoint_path is None:
         raise FacepipeError(f"training run {name} finished without a checkpoint")
     return outcome

@@ -3,12 +3,11 @@
 `StageDriver.run()` is the template every training stage (`backbone.py`, `head.py`, `finetune.py`)
 follows; a stage supplies its worker loop (`facepipe.train.loop.StageLoop`), the keys its loop reads,
 how to evaluate the finished checkpoint, and what to register. Also here: `DataInfo` (what the driver
-reads from a decoded dataset's manifest), `StageResult` and the workers' `EventLog`.
+reads from a decoded dataset's manifest), and `StageResult` (workers' events: `facepipe.train.mailbox`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -54,31 +53,6 @@ def resolve_data(shards_dir: str | os.PathLike) -> DataInfo:
         manifest.get("color_order", "RGB"),
         int(manifest.get("num_images", 0)),
     )
-
-
-class EventLog:
-    """JSON lines appended by workers (start, step, checkpoint): the tests' view of what ran where.
-
-    One `write` per line with O_APPEND, so lines of concurrent writers never interleave.
-    """
-
-    def __init__(self, path: str | None):
-        self.path = path
-
-    def write(self, **event: Any) -> None:
-        if not self.path:
-            return
-        line = (json.dumps(event) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
-
-
-def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
-    text = Path(path).read_text() if Path(path).exists() else ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 @dataclass

@@ -198,8 +198,8 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory) -> Path:
     """A small generated InsightFace-layout dataset, decoded into shards + pair tables."""
-    from facepipe.data.decode import decode_dataset
-    from facepipe.data.synthetic import SynthConfig, generate
+    from facepipe.data.decode.job import decode_dataset
+    from facepipe.data.synth.generate import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("sample")
     generate(root / "raw", SynthConfig(identities=40, images_per_identity=8, pairs=100, size=64, seed=3))

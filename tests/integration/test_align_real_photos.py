@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from facepipe.data.align import AlignSettings, decode_image, get_template, landmark_error, run_align
-from facepipe.data.detect import FaceDetector, box_iou, pick_main_face
+from facepipe.data.align.detect import FaceDetector, box_iou, pick_main_face
+from facepipe.data.align.job import AlignSettings, decode_image, get_template, landmark_error, run_align
 from facepipe.data.shards import TRAIN_SCHEMA, decode_images, list_shards
 
 MODEL = "models/face_detection_yunet_2023mar.onnx"

@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from facepipe import storage
-from facepipe.train.stage import read_events
+from facepipe.train.mailbox import read_events
 from tests.integration.conftest import small_config
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401 - fixtures
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from facepipe.train.backbone import train_backbone
-from facepipe.train.stage import read_events
+from facepipe.train.mailbox import read_events
 from tests.integration.conftest import small_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -8,7 +8,7 @@ import torch
 
 from facepipe import tracking
 from facepipe.train.backbone import train_backbone
-from facepipe.train.stage import read_events
+from facepipe.train.mailbox import read_events
 from tests.integration.conftest import small_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from facepipe.data import align_run, align_worker
-from facepipe.data.align import (
+from facepipe.data.align import run as align_run
+from facepipe.data.align import worker as align_worker
+from facepipe.data.align.job import (
     TEMPLATES,
     AlignSettings,
     align_face,
@@ -26,7 +27,7 @@ from facepipe.data.align import (
     run_align,
     similarity_transform,
 )
-from facepipe.data.landmarks import load_landmarks, normalise_key, parse_landmark_line
+from facepipe.data.formats.landmarks import load_landmarks, normalise_key, parse_landmark_line
 from facepipe.data.shards import TRAIN_SCHEMA, decode_images
 from facepipe.errors import DataError, FacepipeError
 from facepipe.fsutil import unescape_name
@@ -408,7 +409,7 @@ def test_a_decoded_dataset_folder_is_read_as_shards(tmp_path):
 
 
 def test_pairs_files_both_formats(tmp_path):
-    from facepipe.data.align import read_pairs_file
+    from facepipe.data.align.job import read_pairs_file
 
     lfw = tmp_path / "pairs.txt"
     lfw.write_text("10\t300\nAbel_Pacheco\t1\t4\nAbel_Pacheco\t1\tAkhmed_Zakayev\t3\n")
@@ -444,7 +445,7 @@ def test_folder_job_writes_pair_tables_of_aligned_crops(tmp_path):
 
 
 def test_jpeg_size_reads_the_frame_header():
-    from facepipe.data.align import jpeg_size
+    from facepipe.data.align.job import jpeg_size
 
     image = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
     for params in ([], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]):
@@ -455,7 +456,7 @@ def test_jpeg_size_reads_the_frame_header():
 
 def test_large_jpeg_is_reduced_while_decoding_and_file_landmarks_follow(tmp_path):
     # 2600x2400 px with the dots 10x larger: decoded at half size, the file's full-size points are mapped.
-    from facepipe.data.align import decode_for_alignment
+    from facepipe.data.align.job import decode_for_alignment
 
     points = apply_transform(_similarity(0.3, 10.0, 600, 300), ARCFACE)
     big = _dot_image(points, size=(2600, 2400), radius=30)
@@ -545,9 +546,9 @@ def test_the_chunk_worker_is_a_picklable_top_level_task(tmp_path):
     # What a process pool or Ray ships to a worker: the function by reference and a plain task.
     import pickle
 
-    from facepipe.data import align
-    from facepipe.data.align_plan import make_tasks, plan_job
-    from facepipe.data.align_worker import align_chunk, chunk_paths
+    from facepipe.data.align import job as align
+    from facepipe.data.align.plan import make_tasks, plan_job
+    from facepipe.data.align.worker import align_chunk, chunk_paths
 
     assert align.align_chunk is align_chunk and align.run_align is align_run.run_align  # old import path
     src, marks = _make_folder(tmp_path, identities=("a", "b"), per_identity=2, extra=False)

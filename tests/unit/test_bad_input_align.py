@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.align_pixel_bomb import pixel_bomb_png
-from facepipe.data.align import AlignSettings, run_align
-from facepipe.data.align_codec import encode_image
+from facepipe.data.align.codec import encode_image
+from facepipe.data.align.job import AlignSettings, run_align
 from facepipe.fsutil import unescape_name
 from tests.unit.test_align import ARCFACE, _dot_image, _make_folder, _read
 

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from facepipe.cli import main
-from facepipe.data import recordio as rio
-from facepipe.data.decode import decode_dataset
-from facepipe.data.decode_coverage import UNINDEXED_KEY
+from facepipe.data.decode.coverage import UNINDEXED_KEY
+from facepipe.data.decode.job import decode_dataset
+from facepipe.data.formats import recordio as rio
 from facepipe.errors import DataError
 from facepipe.fsutil import unescape_name
 from tests.unit.test_decode import make_classes, make_source, write_flat_set

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from facepipe import cli
 from facepipe.cli import main
-from facepipe.data.image_header import image_format, image_size, size_problem
-from facepipe.data.verification_bin import load_bin, write_bin
+from facepipe.data.formats.image_header import image_format, image_size, size_problem
+from facepipe.data.formats.verification_bin import load_bin, write_bin
 from facepipe.errors import DataError
 
 # ------------------------------------------------------------------ 6. no uninitialised memory from .bin

@@ -14,8 +14,8 @@ from facepipe.models.bundle import BundleInfo, find_bundle, load_bundle, save_bu
 from facepipe.train.backbone import margin_head_kwargs
 from facepipe.train.checkpoint import load_training_state, save_training_state
 from facepipe.train.finetune import triplet_loss
+from facepipe.train.mailbox import EventLog, read_events
 from facepipe.train.schedule import lr_factor
-from facepipe.train.stage import EventLog, read_events
 
 
 def test_training_state_round_trip(tmp_path):

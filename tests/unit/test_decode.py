@@ -18,13 +18,13 @@ import pytest
 import xxhash
 
 from facepipe.cli import main
-from facepipe.data import recordio as rio
-from facepipe.data.decode import decode_dataset
-from facepipe.data.decode_hashing import hash_mapped
-from facepipe.data.insightface import write_training_set
+from facepipe.data.decode.hashing import hash_mapped
+from facepipe.data.decode.job import decode_dataset
+from facepipe.data.formats import recordio as rio
+from facepipe.data.formats.insightface import write_training_set
+from facepipe.data.formats.verification_bin import write_bin
 from facepipe.data.shard_writer import ShardWriter
 from facepipe.data.shards import list_shards, read_manifest, read_pair_table
-from facepipe.data.verification_bin import write_bin
 from facepipe.errors import DataError
 from facepipe.fsutil import sha256_file
 
@@ -244,7 +244,7 @@ def test_custom_runner_gets_picklable_tasks(tmp_path):
     """What a Ray task would do: receive a pickled task, run the top-level function, return the result."""
     import pickle
 
-    from facepipe.data.decode import convert_range
+    from facepipe.data.decode.job import convert_range
 
     src = make_source(tmp_path / "src", n_classes=4, per_class=4)
     calls = []
@@ -459,7 +459,7 @@ def test_cli(tmp_path, capsys):
 def test_a_source_converted_as_one_range_is_hashed_by_it(tmp_path, monkeypatch, algorithm):
     """One range reads its whole `.rec` anyway: it hashes it on the way (header and identity records
     included), so no thread reads the file a second time, and the digest is the file's."""
-    from facepipe.data import decode_resume
+    from facepipe.data.decode import resume as decode_resume
 
     src = make_source(tmp_path / "src", n_classes=10, per_class=8)
     hashed = []

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import xxhash
 
-from facepipe.data import decode_resume
-from facepipe.data.decode_hashing import AppendHasher, hash_mapped, sha256_mapped
-from facepipe.data.decode_parse import check_labels, parse_chunk
-from facepipe.data.decode_plan import plan_ranges, record_ends
-from facepipe.data.recordio import MAGIC_BYTES, IRHeader, encode_frames, pack
+from facepipe.data.decode import resume as decode_resume
+from facepipe.data.decode.hashing import AppendHasher, hash_mapped, sha256_mapped
+from facepipe.data.decode.parse import check_labels, parse_chunk
+from facepipe.data.decode.plan import plan_ranges, record_ends
+from facepipe.data.formats.recordio import MAGIC_BYTES, IRHeader, encode_frames, pack
 from facepipe.errors import DataError
 from facepipe.fsutil import sha256_file
 
@@ -188,7 +188,7 @@ def test_append_hasher_follows_a_growing_file(tmp_path):
 def test_binary_views_point_at_values_in_several_buffers():
     import pyarrow as pa
 
-    from facepipe.data.decode_worker import binary_views
+    from facepipe.data.decode.worker import binary_views
 
     rng = np.random.default_rng(0)
     buffers = [rng.integers(0, 256, 300, dtype=np.uint8), rng.integers(0, 256, 50, dtype=np.uint8)]
@@ -206,7 +206,7 @@ def test_binary_views_point_at_values_in_several_buffers():
 
 
 def test_mapped_source_hashes_the_whole_file_through_its_chunks(tmp_path):
-    from facepipe.data.decode_worker import _MappedSource
+    from facepipe.data.decode.worker import _MappedSource
 
     data = np.random.default_rng(1).integers(0, 256, 3 * 4096 + 123, dtype=np.uint8).tobytes()
     path = tmp_path / "x.rec"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from facepipe.data.decode import convert_range, decode_dataset
+from facepipe.data.decode.job import convert_range, decode_dataset
 from tests.unit.test_decode import make_source, shard_bytes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # starts a local Ray instance (~20 s here)

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from facepipe.data.detect import DetectedFace, FaceDetector, box_iou, pick_main_face
+from facepipe.data.align.detect import DetectedFace, FaceDetector, box_iou, pick_main_face
 from facepipe.errors import FacepipeError
 
 MODEL = "models/face_detection_yunet_2023mar.onnx"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from facepipe.data import recordio as rio
-from facepipe.data.insightface import (
+from facepipe.data.formats import recordio as rio
+from facepipe.data.formats.insightface import (
     find_training_files,
     open_training_set,
     read_property,

@@ -27,8 +27,8 @@ HARNESS = textwrap.dedent(
     """
     import os, time
     if os.environ.get("FACEPIPE_TEST_HOLD_TASK"):
-        import facepipe.data.align_worker
-        import facepipe.data.decode_worker
+        import facepipe.data.align.worker
+        import facepipe.data.decode.worker
 
         def holding(module, name, index_of):
             original = getattr(module, name)
@@ -43,8 +43,8 @@ HARNESS = textwrap.dedent(
             run.__module__, run.__qualname__ = original.__module__, original.__qualname__  # pickled by name
             setattr(module, name, run)
 
-        holding(facepipe.data.decode_worker, "convert_range", lambda task: task["index"])
-        holding(facepipe.data.align_worker, "align_chunk", lambda task: task.index)
+        holding(facepipe.data.decode.worker, "convert_range", lambda task: task["index"])
+        holding(facepipe.data.align.worker, "align_chunk", lambda task: task.index)
     """
 )
 

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from facepipe.data.align_geometry import align_face
-from facepipe.data.landmarks import load_landmarks
+from facepipe.data.align.geometry import align_face
+from facepipe.data.formats.landmarks import load_landmarks
 from facepipe.data.protocols.ijb import read_ijb
 from facepipe.data.protocols.lfw import read_lfw
 from facepipe.data.protocols.ytf import read_ytf

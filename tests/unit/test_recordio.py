@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from facepipe.data import recordio as rio
+from facepipe.data.formats import recordio as rio
 from facepipe.data.shards import decode_images
 from facepipe.errors import DataError
 

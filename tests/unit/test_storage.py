@@ -115,9 +115,9 @@ def test_publish_killed_mid_upload_looks_incomplete_and_rerun_completes(s3_bucke
 
 
 def test_decode_and_feature_cache_on_s3_read_back_like_local(s3_bucket, tmp_path):  # noqa: F811
-    from facepipe.data.decode import decode_dataset
+    from facepipe.data.decode.job import decode_dataset
     from facepipe.data.shards import iter_shard_batches, list_shards, pair_tables, read_manifest
-    from facepipe.data.synthetic import SynthConfig, generate
+    from facepipe.data.synth.generate import SynthConfig, generate
 
     generate(tmp_path / "raw", SynthConfig(identities=6, images_per_identity=4, pairs=20, size=32, seed=1))
     local = decode_dataset([tmp_path / "raw"], tmp_path / "local", target_bytes=20_000)

@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from facepipe.cli import main
-from facepipe.data import synth_baselines as SB
-from facepipe.data import synth_render as sr
-from facepipe.data import synthetic as S
-from facepipe.data.insightface import open_training_set
-from facepipe.data.recordio import IndexedRecordFile, header_label, unpack
-from facepipe.data.verification_bin import load_bin
+from facepipe.data.formats.insightface import open_training_set
+from facepipe.data.formats.recordio import IndexedRecordFile, header_label, unpack
+from facepipe.data.formats.verification_bin import load_bin
+from facepipe.data.synth import baselines as SB
+from facepipe.data.synth import generate as S
+from facepipe.data.synth import render as sr
 
 IDS, IMGS, PAIRS = 6, 3, 20
 

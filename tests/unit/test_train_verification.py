@@ -14,8 +14,8 @@ from facepipe.train.features import merge_verification, verify_pairs
 
 @pytest.fixture(scope="module")
 def decoded(tmp_path_factory):
-    from facepipe.data.decode import decode_dataset
-    from facepipe.data.synthetic import SynthConfig, generate
+    from facepipe.data.decode.job import decode_dataset
+    from facepipe.data.synth.generate import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("verify")
     generate(root / "raw", SynthConfig(identities=12, images_per_identity=3, pairs=40, size=64, seed=5))

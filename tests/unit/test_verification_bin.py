@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 import pytest
 
+from facepipe.data.formats.verification_bin import RestrictedUnpickler, load_bin, write_bin
 from facepipe.data.shards import decode_images
-from facepipe.data.verification_bin import RestrictedUnpickler, load_bin, write_bin
 from facepipe.errors import DataError
 
 VARIANTS = [

@@ -5,7 +5,7 @@
   `*_name_5pts_score.txt`, the 1:N gallery/probe CSVs) -> OUT/images.parquet + template tables;
 - `ytf`: a YouTube-Faces-style frames folder + `splits.txt` -> OUT/frames.parquet + OUT/video_pairs.parquet.
 
-Every image goes through the align stage's own per-image aligner (`align_worker.ChunkAligner`), so the
+Every image goes through the align stage's own per-image aligner (`align.worker.ChunkAligner`), so the
 crops are the ones `facepipe align` would write; with landmarks given no detector is needed.
 Each folder gets `protocol.json` ({"kind": "pairs" | "ijb" | "video", ...}) so `facepipe evaluate
 --protocol DIR` knows what to run.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from facepipe.data.align_plan import AlignSettings, ChunkTask
-from facepipe.data.align_worker import ChunkAligner
+from facepipe.data.align.plan import AlignSettings, ChunkTask
+from facepipe.data.align.worker import ChunkAligner
 from facepipe.errors import DataError
 from facepipe.fsutil import write_json_atomic
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from facepipe.data.align_pairs import read_pairs_file
-from facepipe.data.landmarks import load_landmarks, normalise_key
+from facepipe.data.align.pairs import read_pairs_file
+from facepipe.data.formats.landmarks import load_landmarks, normalise_key
 from facepipe.data.protocols import align_files, bad_line, make_aligner, read_lines, write_protocol_info
 from facepipe.data.shards import write_pair_table
 from facepipe.errors import DataError

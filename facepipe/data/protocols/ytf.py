@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from facepipe.data.landmarks import load_landmarks
+from facepipe.data.formats.landmarks import load_landmarks
 from facepipe.data.protocols import align_files, bad_line, make_aligner, read_lines, write_protocol_info
 from facepipe.errors import DataError
 from facepipe.fsutil import atomic_path
