@@ -79,6 +79,15 @@ def _kill_leftovers(temp_dir: Path) -> None:
             proc.kill()
 
 
+def _reload_ray_auth() -> None:
+    """Ray reads its auth mode and token once per process and caches them; read them again from the
+    environment just set (by a cluster fixture of this process), as a process started now would."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def _node_args(temp_dir: Path) -> list[str]:
     # every port explicit and free: several nodes (and other sessions' clusters) share this host
     return [
@@ -179,6 +188,7 @@ def ray_cluster():
         _wait_for_nodes(address, env, 2, node=worker_node)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})
+        _reload_ray_auth()
         try:
             yield cluster
         finally:

@@ -29,6 +29,7 @@ from tests.integration.conftest import (
     LocalCluster,
     _kill_leftovers,
     _node_args,
+    _reload_ray_auth,
     _wait_for_nodes,
     free_port,
     small_config,
@@ -63,15 +64,6 @@ def _pytest_temp_root(tmp_path_factory) -> Path:
 def _namespaces_allowed() -> bool:
     probe = ["unshare", "-m", "--propagation", "private", "true"]
     return subprocess.run(probe, capture_output=True, check=False).returncode == 0
-
-
-def _reload_ray_auth() -> None:
-    """Ray reads its auth mode and token once per process (when `ray` is first imported/used); read
-    them again from the environment just set, as a process started now would."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +135,7 @@ def isolated_cluster(tmp_path_factory):
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+            _reload_ray_auth()
     finally:
         cluster.stop()  # both `ray start --block` processes, then anything left under head_tmp
         _kill_leftovers(node_root)
