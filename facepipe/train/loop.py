@@ -111,7 +111,7 @@ class StageLoop:
         self.settings = getattr(self.config, self.section)
         self.rank, self.world, self.node = worker_context()
         self.device = ray.train.torch.get_device()
-        self.events = EventLog(cfg.get("mailbox"))
+        self.events = EventLog(cfg.get("mailbox"), keep_events=bool(cfg.get("keep_events")))
         torch.manual_seed(self.settings.seed)  # identical initialisation on every rank
         np.random.seed(self.settings.seed + self.rank)
         self.step = 0

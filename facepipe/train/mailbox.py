@@ -25,13 +25,16 @@ class EventLog:
 
     `sink` is a queue handle from `Mailbox.handle`, a local file path (one process, no cluster: one
     `write` per line with O_APPEND, so concurrent writers never interleave), or None (nothing sent).
+    `keep_events` False: only non-finite records travel (no round trip per step when no one reads
+    the events).
     """
 
-    def __init__(self, sink: Any):
-        self.sink = sink
+    def __init__(self, sink: Any, keep_events: bool = True):
+        self.sink, self.keep_events = sink, keep_events
 
     def write(self, **event: Any) -> None:
-        self._send("event", event)
+        if self.keep_events:
+            self._send("event", event)
 
     def nonfinite(self, rank: int, step: int, message: str) -> None:
         self._send("nonfinite", {"rank": rank, "step": step, "message": message})

@@ -179,7 +179,7 @@ def launch_stage(
     if max_failures is None:
         max_failures = config.train_backbone.max_failures
     with ray_session(scaling.address), Mailbox(events_path) as mailbox:
-        loop_config["mailbox"] = mailbox.handle
+        loop_config.update(mailbox=mailbox.handle, keep_events=events_path is not None)
         outcome = run_training(loop, loop_config, scaling, config.paths.runs, name, max_failures=max_failures)
     mailbox.raise_nonfinite()  # before the checkpoint check: a stop at step 1 leaves none
     if outcome.checkpoint_path is None:

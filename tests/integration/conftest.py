@@ -88,6 +88,28 @@ def _reload_ray_auth() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+@contextlib.contextmanager
+def driver_env(env: dict[str, str]):
+    """This process as a driver of the cluster `env` describes: its RAY_* variables set (and Ray's
+    cached auth reloaded) for the block; Ray shut down and the variables restored after it."""
+    saved = {k: os.environ.get(k) for k in env if k.startswith("RAY_")}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})
+    _reload_ray_auth()
+    try:
+        yield
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _reload_ray_auth()
+
+
 def _node_args(temp_dir: Path) -> list[str]:
     # every port explicit and free: several nodes (and other sessions' clusters) share this host
     return [
@@ -186,23 +208,21 @@ def ray_cluster():
 
         head_proc = cluster.procs[-1]
         _wait_for_nodes(address, env, 2, node=worker_node)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})
-        _reload_ray_auth()
-        try:
+        with driver_env(env):
             yield cluster
-        finally:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
     finally:
         cluster.stop()
+
+
+def assert_resumed_once(events: list[dict], resumed_at: int, max_steps: int) -> None:
+    """Rank 0's steps: 1.. before the restart, then resumed_at+1..max_steps once each; only steps
+    past the checkpoint it resumed from ran twice."""
+    restart = next(i for i, e in enumerate(events) if e["event"] == "start" and e["step"] == resumed_at)
+    before = [e["step"] for e in events[:restart] if e["event"] == "step"]
+    after = [e["step"] for e in events[restart:] if e["event"] == "step"]
+    assert before == list(range(1, len(before) + 1))
+    assert after == list(range(resumed_at + 1, max_steps + 1))  # nothing lost after the restart
+    assert all(s > resumed_at for s in set(before) & set(after))
 
 
 @pytest.fixture(scope="session")

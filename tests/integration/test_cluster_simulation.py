@@ -29,8 +29,9 @@ from tests.integration.conftest import (
     LocalCluster,
     _kill_leftovers,
     _node_args,
-    _reload_ray_auth,
     _wait_for_nodes,
+    assert_resumed_once,
+    driver_env,
     free_port,
     small_config,
 )
@@ -122,20 +123,8 @@ def isolated_cluster(tmp_path_factory):
             cluster.procs.append(state["node"])
 
         _wait_for_nodes(address, env, 2, node=isolated_node)
-        saved = {k: os.environ.get(k) for k in env if k.startswith("RAY_")}
-        os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})
-        _reload_ray_auth()
-        try:
+        with driver_env(env):
             yield IsolatedCluster(address, state["node"])
-        finally:
-            if ray.is_initialized():
-                ray.shutdown()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            _reload_ray_auth()
     finally:
         cluster.stop()  # both `ray start --block` processes, then anything left under head_tmp
         _kill_leftovers(node_root)
@@ -266,12 +255,7 @@ def test_training_survives_losing_a_node_that_shares_no_disk(
     assert head is None or {e["node"] for e in starts[2:]} <= head  # the second attempt: survivors only
     checkpoints = [e["step"] for e in events if e["event"] == "checkpoint"]
     assert resumed_at in checkpoints
-    restart = next(i for i, e in enumerate(events) if e["event"] == "start" and e["step"] == resumed_at)
-    before = [e["step"] for e in events[:restart] if e["event"] == "step"]
-    after = [e["step"] for e in events[restart:] if e["event"] == "step"]
-    assert before == list(range(1, len(before) + 1))
-    assert after == list(range(resumed_at + 1, tb.max_steps + 1))  # nothing lost or repeated after it
-    assert all(s > resumed_at for s in set(before) & set(after))  # only steps past the checkpoint ran twice
+    assert_resumed_once(events, resumed_at, tb.max_steps)
     fs, root = storage.resolve(f"{s3_bucket}/runs/spread")
     objects = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))]
     assert any(o.endswith("/state.pt") for o in objects), objects  # checkpoints in the bucket

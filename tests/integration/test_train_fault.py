@@ -14,7 +14,7 @@ import pytest
 
 from facepipe.train.backbone import train_backbone
 from facepipe.train.mailbox import read_events
-from tests.integration.conftest import small_config
+from tests.integration.conftest import assert_resumed_once, small_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -73,13 +73,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, sample_dataset,
     assert resumed_at in checkpoints or resumed_at % tb.checkpoint_every_steps == 0
 
     steps = [e["step"] for e in events if e["event"] == "step"]
-    restart = next(i for i, e in enumerate(events) if e["event"] == "start" and e["step"] == resumed_at)
-    before = [e["step"] for e in events[:restart] if e["event"] == "step"]
-    after = [e["step"] for e in events[restart:] if e["event"] == "step"]
-    assert before == list(range(1, len(before) + 1))
-    assert after == list(range(resumed_at + 1, tb.max_steps + 1))  # nothing lost after the restart
-    repeated = sorted(set(before) & set(after))
-    assert all(s > resumed_at for s in repeated)  # only steps past the last checkpoint ran twice
+    assert_resumed_once(events, resumed_at, tb.max_steps)
     assert set(steps) == set(range(1, tb.max_steps + 1))
     result = outcome["result"]
     assert result.metrics["step"] == tb.max_steps
