@@ -211,13 +211,14 @@ def evaluate_stage(bundle: Path, shards: Path, device: str) -> dict[str, Any]:
     """Embed one pair table (both images and their mirrors) with the fine-tuned backbone."""
     import torch
 
+    from facepipe.data.dataset import Dataset
     from facepipe.models.bundle import load_bundle
     from facepipe.models.embed import embed_pair_table
-    from facepipe.train.stage import resolve_data
 
     backbone, info, _ = load_bundle(bundle, device=device)
-    table = sorted((shards / "pairs").glob("*.parquet"))[0]
-    size, colour = tuple(info.input_size), resolve_data(shards).color_order
+    dataset = Dataset.open(shards)
+    table = next(iter(dataset.pair_tables.values()))
+    size, colour = tuple(info.input_size), dataset.color_order
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()

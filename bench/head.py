@@ -47,7 +47,7 @@ def epoch_seconds(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", type=Path, default=None)
+    parser.add_argument("--shards", type=Path, default=None, help="a decoded dataset (decode's OUT)")
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--method", default="probface", choices=["pfe", "probface", "scf"])
     from facepipe.config import BackboneConfig
@@ -71,9 +71,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.shards:
-            from facepipe.data.shards import list_shards
+            from facepipe.data.dataset import Dataset
 
-            paths = list_shards(args.shards)
+            paths = Dataset.open(args.shards).training_shards
         else:
             paths = write_shards(tmp / "shards", args.images)
         size = (args.input_size, args.input_size)

@@ -284,7 +284,7 @@ def local_ray(cpus: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", type=Path, default=None)
+    parser.add_argument("--shards", type=Path, default=None, help="a decoded dataset (decode's OUT)")
     parser.add_argument("--images", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
@@ -296,9 +296,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.shards:
-            from facepipe.data.shards import list_shards
+            from facepipe.data.dataset import Dataset
 
-            paths = list_shards(args.shards)
+            paths = Dataset.open(args.shards).training_shards
         else:
             paths = write_shards(Path(tmp), args.images)
         from facepipe.data.loader import shard_units

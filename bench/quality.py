@@ -68,15 +68,11 @@ def _config(args: argparse.Namespace, seed: int, root: Path) -> Any:
 
 def _prepare(config: Any) -> dict[str, float]:
     from facepipe.data.decode.job import decode_dataset
-    from facepipe.data.synth.generate import SynthConfig, generate
+    from facepipe.data.synth.generate import generate
 
     t0 = time.monotonic()
     s = config.synth
-    generate(
-        Path(config.paths.raw),
-        SynthConfig(s.identities, s.images_per_identity, s.pairs, s.seed, s.size),
-        workers=s.workers,
-    )
+    generate(Path(config.paths.raw), s, workers=s.workers)  # the synth section is the SynthConfig
     t1 = time.monotonic()
     decode_dataset([config.paths.raw], config.paths.shards, workers=config.decode.workers)
     return {"synth_s": round(t1 - t0, 1), "decode_s": round(time.monotonic() - t1, 1)}
@@ -125,7 +121,7 @@ def _head(config: Any, method: str, bundle: str, name: str) -> dict[str, Any]:
 
 def _edc(config: Any, bundle: str, heads: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
     """Per pair table: every head's EDC pAUC beside random discard and the oracles (module docstring)."""
-    from facepipe.data.shards import pair_tables
+    from facepipe.data.dataset import Dataset
     from facepipe.eval.compare import CompareSettings, compare_table
     from facepipe.eval.model_features import EvalModel
     from facepipe.models.bundle import find_bundle, load_bundle
@@ -138,7 +134,7 @@ def _edc(config: Any, bundle: str, heads: dict[str, dict[str, Any]], out: Path) 
         models.append(EvalModel(backbone, info, loaded, str(loaded.method), head["head_dir"]))
     settings = CompareSettings.from_config(config.eval)
     report: dict[str, Any] = {}
-    for table, path in pair_tables(config.paths.shards).items():
+    for table, path in Dataset.at(config.paths.shards).pair_tables.items():
         comp = compare_table(models, list(heads), path, out, settings)
         rows = {row["method"]: row["pauc"] for row in comp.rows}
         entry: dict[str, Any] = {"n_pairs": comp.n_pairs, "unsupported": comp.unsupported, "pauc": {}}

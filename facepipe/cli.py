@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+from facepipe.commands.options import split_overrides
 from facepipe.errors import FacepipeError
 
 # Order is the order shown in --help: the pipeline's stages, then the whole job.
@@ -53,58 +54,46 @@ def is_override(token: str) -> bool:
 
     Only a known key counts, so a path or an option's value that happens to hold `=` is not taken.
     """
-    from pydantic import BaseModel
+    from facepipe.commands.options import is_override as known_override
 
-    from facepipe.config import Config
-
-    key, sep, _ = token.partition("=")
-    if not sep or token.startswith("-"):
-        return False
-    model: type[BaseModel] = Config
-    parts = key.strip().split(".")
-    for depth, part in enumerate(parts, 1):
-        field = model.model_fields.get(part)
-        if field is None:
-            return False
-        kind = field.annotation
-        if isinstance(kind, type) and issubclass(kind, BaseModel):
-            model = kind  # a section: the key goes on
-            continue
-        # a plain key ends the path; a mapping (`extra`, `heads`) takes any keys below it
-        return depth == len(parts) or getattr(kind, "__origin__", None) is dict
-    return False  # a whole section is not a key
+    return known_override(token)
 
 
-def _gather_overrides(args: argparse.Namespace, argv: list[str], leftovers: list[str]) -> str | None:
-    """Put overrides from anywhere on the line into `args.overrides`; the error for anything else.
+def _gather_overrides(
+    args: argparse.Namespace, argv: list[str], found: list[str], leftovers: list[str]
+) -> str | None:
+    """Put the overrides taken from the line (`found`) into `args.overrides`; the error for anything else.
 
-    argparse fills a trailing `overrides` positional only before the first option, and an optional
-    positional (register's SOURCE) swallows an override, so both are collected here, in line order
-    (a later override wins).
+    `found` holds every token meant as an override (`options.split_overrides`), so an unknown key is
+    named here; they join `args.overrides` in line order (a later override wins).
     """
-    unknown = [t for t in leftovers if not is_override(t)]
+    given = list(getattr(args, "overrides", None) or [])  # a positional's tokens; demo's --set values
+    unknown = [t for t in [*found, *given, *leftovers] if not is_override(t)]
+    bad = next((t for t in unknown if "=" in t and not t.startswith("-")), None)
+    if bad is not None:
+        return f"{bad.partition('=')[0]!r} is not a configuration key (override {bad!r})"
     if unknown:
-        bad = next((t for t in unknown if "=" in t and not t.startswith("-")), None)
-        if bad is not None:
-            return f"{bad.partition('=')[0]!r} is not a configuration key (override {bad!r})"
         return f"unrecognized arguments: {' '.join(unknown)}"
+    tokens = [*given, *found, *leftovers]
     if not hasattr(args, "overrides"):
-        return f"this command takes no configuration overrides: {' '.join(leftovers)}" if leftovers else None
-    found = list(args.overrides) + leftovers
-    for name, value in vars(args).items():
-        if name != "overrides" and isinstance(value, str) and is_override(value):
-            setattr(args, name, None)  # an optional positional that caught an override
-            found.append(value)
+        return f"this command takes no configuration overrides: {' '.join(tokens)}" if tokens else None
     # line order; stable for a token given twice
-    args.overrides = sorted(found, key=lambda t: argv.index(t) if t in argv else len(argv))
+    args.overrides = sorted(tokens, key=lambda t: argv.index(t) if t in argv else len(argv))
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_line(argv: list[str]) -> tuple[argparse.Namespace, str | None]:
+    """The command line as `main` reads it: the parsed arguments, with the overrides from anywhere on
+    the line in `args.overrides`, and the problem with the line (None when it is fine). argparse
+    still exits on an unknown option or a bad value."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, leftovers = parser.parse_known_args(argv)
-    problem = _gather_overrides(args, argv, leftovers)
+    line, found = split_overrides(parser, argv)
+    args, leftovers = parser.parse_known_args(line)
+    return args, _gather_overrides(args, argv, found, leftovers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, problem = parse_line(list(sys.argv[1:] if argv is None else argv))
     if problem is not None:
         print(f"facepipe {args.command}: error: {problem}", file=sys.stderr)
         return 2

@@ -3,8 +3,9 @@
 Each model version is benchmarked once per data version and evaluation settings (the stage marker
 pins both), writing `<paths.reports>/<model>-v<version>/` (metrics JSON + PNG plots). For every model
 name, the versions scored in this run (the ones asked for, plus the current champion and challenger)
-are compared on `tracking.champion_metric` and `champion` goes to the best; the numbers are returned
-for the pipeline's summary.
+are compared on the model's champion metric (`facepipe.tracking.champion_metric`: verification accuracy
+for backbones, EDC pAUC for uncertainty heads, each in its direction) and `champion` goes to the best;
+the numbers are returned for the pipeline's summary.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from facepipe.orchestration.registry import benchmark_score
 from facepipe.orchestration.reports import read_metrics, report_dir
 from facepipe.orchestration.settings import FlowSettings
 from facepipe.orchestration.stage_process import StageFailed, cli_supports
-from facepipe.tracking import model_names
+from facepipe.tracking import champion_metric, model_names
 from flows.stages import move_champion, publish_links, registered_model, run_stage
 
 
@@ -113,8 +114,8 @@ def benchmark(
         reports[model["uri"]] = {"dir": str(out_dir), "metrics": read_metrics(out_dir), "model": model}
     champions = {}
     if promote:
-        metric = s.config.tracking.champion_metric
         for name in dict.fromkeys(m["name"] for m in resolved):
+            metric = champion_metric(s.config.tracking, name)
             scores = {
                 r["model"]["version"]: benchmark_score(r["metrics"].get("metrics", {}), metric)
                 for r in reports.values()

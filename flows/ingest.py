@@ -17,29 +17,16 @@ from flows.stages import dvc_version, publish_links, run_stage
 
 
 def synth_argv(s: FlowSettings) -> list[str]:
-    c = s.config.synth
-    argv = [
-        "synth", s.config.paths.raw,
-        "--identities", str(c.identities), "--images-per-identity", str(c.images_per_identity),
-        "--pairs", str(c.pairs), "--seed", str(c.seed), "--size", str(c.size), "--workers", str(c.workers),
-    ]  # fmt: skip
-    if c.protocols:  # the template (IJB) and video sets the benchmark also scores
-        argv += ["--protocols", c.protocols, "--protocol-subjects", str(c.protocol_subjects)]
-    return argv
+    # every setting (the protocol sets the benchmark scores included) comes from the config
+    return ["synth", s.config.paths.raw, *s.config_args()]
 
 
 def decode_argv(s: FlowSettings) -> list[str]:
-    c = s.config.decode
-    argv = [
-        "decode", s.config.paths.raw, s.config.paths.shards,
-        "--target-mb", str(c.target_mb), "--workers", str(c.workers), "--color-order", c.color_order,
-        "--source-hash", c.source_hash,
-    ]  # fmt: skip
-    return argv + (["--validate"] if c.validate_images else []) + (["--skip-bad"] if c.skip_bad else [])
+    return ["decode", s.config.paths.raw, s.config.paths.shards, *s.config_args()]
 
 
 def align_argv(s: FlowSettings) -> list[str]:
-    return ["align", s.config.paths.raw, s.config.paths.aligned, "--params", s.params]
+    return ["align", s.config.paths.raw, s.config.paths.aligned, *s.config_args()]
 
 
 def is_insightface_layout(raw: Path) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from facepipe.commands import options
 from facepipe.data.formats.image_header import add_max_pixels_option
 
 _DESCRIPTION = """\
@@ -33,14 +34,11 @@ examples:
 """
 
 
+HELP = "detect and align faces from image folders into training shards"
+
+
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "align",
-        help="detect and align faces from image folders into training shards",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=_DESCRIPTION,
-        epilog=_EPILOG,
-    )
+    parser = options.stage_parser(subparsers, "align", HELP, _DESCRIPTION, _EPILOG, raw=True)
     parser.add_argument(
         "src", metavar="SRC", help="image folder (one sub-folder per identity) or Parquet shards"
     )
@@ -53,17 +51,19 @@ def register(subparsers) -> None:
         help="5-point landmarks, one '<path relative to SRC> x1 y1 ... x5 y5' line per image "
         "(e.g. lfw_landmark.txt); listed images are aligned without detection",
     )
-    faces.add_argument(
+    options.config_flag(
+        faces,
         "--detector-model",
+        key="align.detector_model",
         metavar="PATH",
-        help="YuNet ONNX model for images without landmarks (default: align.detector_model in params; "
-        "required when any image lacks landmarks)",
+        help="YuNet ONNX model for images without landmarks (required when any image lacks landmarks)",
     )
-    faces.add_argument(
+    options.config_flag(
+        faces,
         "--min-score",
-        type=float,
+        key="align.min_score",
         metavar="S",
-        help="reject faces the detector scores below S (default: align.min_score, 0.6)",
+        help="reject faces the detector scores below S",
     )
     faces.add_argument(
         "--max-side",
@@ -75,10 +75,11 @@ def register(subparsers) -> None:
     add_max_pixels_option(faces)
 
     output = parser.add_argument_group("output")
-    output.add_argument(
+    options.config_flag(
+        output,
         "--template",
-        choices=["arcface", "sphereface", "probface"],
-        help="arcface 112x112, sphereface 112x96 (HxW), probface 96x96 (default: align.template, arcface)",
+        key="align.template",
+        help="arcface 112x112, sphereface 112x96 (HxW), probface 96x96",
     )
     output.add_argument(
         "--format", choices=["jpg", "png"], default="jpg", help="encoding of the crops (default: %(default)s)"
@@ -112,9 +113,7 @@ def register(subparsers) -> None:
     )
 
     execution = parser.add_argument_group("execution")
-    execution.add_argument(
-        "--workers", type=int, metavar="N", help="parallel processes (default: align.workers)"
-    )
+    options.config_flag(execution, "--workers", key="align.workers", metavar="N", help="parallel processes")
     execution.add_argument(
         "--chunk-size", type=int, default=500, metavar="N", help="images per work unit (default: %(default)s)"
     )
@@ -127,22 +126,16 @@ def register(subparsers) -> None:
     execution.add_argument(
         "--ray-address", metavar="ADDR", help="Ray cluster for --executor ray (default: start a local Ray)"
     )
-    execution.add_argument(
-        "--params",
-        metavar="FILE",
-        help="params.yaml to read defaults from (default: ./params.yaml if present)",
-    )
-    parser.set_defaults(func=run)
+    options.finish(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from facepipe.config import load_config
     from facepipe.data.align.job import AlignSettings, run_align
     from facepipe.errors import FacepipeError
     from facepipe.progress import summary
 
-    config = load_config(args.params).align
-    workers = args.workers if args.workers is not None else config.workers
+    config = options.load(args).align
+    workers = config.workers
     for flag, value, low, high in (
         ("--workers", workers, 1, None),
         ("--chunk-size", args.chunk_size, 1, None),
@@ -155,9 +148,7 @@ def run(args: argparse.Namespace) -> int:
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise FacepipeError(f"{flag} must be {bounds}, not {value}")
     settings = AlignSettings(
-        template=args.template or config.template,
-        detector_model=args.detector_model or config.detector_model,
-        min_score=args.min_score if args.min_score is not None else config.min_score,
+        **config.model_dump(include={"template", "detector_model", "min_score"}),
         max_side=args.max_side,
         image_format=args.format,
         jpeg_quality=args.quality,

@@ -15,22 +15,22 @@ import argparse
 import logging
 from pathlib import Path
 
+from facepipe.commands import options
 from facepipe.errors import DataError, FacepipeError
 
 log = logging.getLogger("facepipe.compare")
 
 
+HELP = "compare uncertainty heads on one backbone and quality baselines (EDC, risk, accuracy)"
+
+DESCRIPTION = """\
+Evaluate several registered models (uncertainty heads on the same backbone) on every pair table of
+--shards, beside the feature-norm, random and (generated data) true-degradation baselines; write one
+static HTML page, a markdown table and the figures, and log them to MLflow as a comparison run."""
+
+
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "compare",
-        help="compare uncertainty heads on one backbone and quality baselines (EDC, risk, accuracy)",
-        description=(
-            "Evaluate several registered models (uncertainty heads on the same backbone) on every pair "
-            "table of --shards, beside the feature-norm, random and (generated data) true-degradation "
-            "baselines; write one static HTML page, a markdown table and the figures, and log them to "
-            "MLflow as a comparison run."
-        ),
-    )
+    parser = options.stage_parser(subparsers, "compare", HELP, DESCRIPTION)
     parser.add_argument(
         "--models", nargs="+", required=True, metavar="URI", help="model URIs or local bundle folders"
     )
@@ -41,9 +41,7 @@ def register(subparsers) -> None:
         "--reject", type=float, default=0.2, help="rejected fraction of the risk-controlled column (0.2)"
     )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log a comparison run")
-    parser.add_argument("--config", default=None, help="parameters file (default: ./params.yaml if present)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="configuration overrides")
-    parser.set_defaults(func=run)
+    options.finish(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     from facepipe import tracking
     from facepipe.commands.evaluate import is_model_uri
-    from facepipe.config import load_config
-    from facepipe.data.shards import pair_tables
+    from facepipe.data.dataset import Dataset
     from facepipe.eval.compare import CompareSettings, compare_table, method_labels
     from facepipe.eval.model_features import load_eval_model
     from facepipe.eval.report import write_metrics
@@ -67,10 +64,11 @@ def run(args: argparse.Namespace) -> int:
         raise FacepipeError(
             f"--far must be one of {', '.join(f'{f:g}' for f in FAR_LEVELS)}, got {args.far:g}"
         )
-    tables = pair_tables(args.shards)
+    dataset = Dataset.at(args.shards)
+    tables = dataset.pair_tables
     if not tables:
-        raise DataError("no pair tables (pairs/*.parquet) to compare on", path=args.shards / "pairs")
-    config = load_config(args.config, args.overrides)
+        raise DataError("no pair tables (pairs/*.parquet) to compare on", path=dataset.pairs_dir)
+    config = options.load(args)
     settings = CompareSettings.from_config(config.eval, args.far, args.reject)
     with tempfile.TemporaryDirectory(prefix="facepipe-compare-") as tmp:
         models = []

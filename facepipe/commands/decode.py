@@ -5,49 +5,48 @@ from __future__ import annotations
 import argparse
 import os
 
-from facepipe.data.decode.hashing import DEFAULT_SOURCE_HASH, SOURCE_HASHES
+from facepipe.commands import options
+from facepipe.data.decode.hashing import DEFAULT_SOURCE_HASH
 from facepipe.data.formats.image_header import add_max_pixels_option
 from facepipe.errors import FacepipeError
 
+HELP = "convert InsightFace .rec/.idx/property and *.bin folders into Parquet shards"
+
+DESCRIPTION = """\
+Convert one or more InsightFace dataset folders (train.rec, train.idx, property, any *.bin) into
+OUT/train/part-NNNNN.parquet shards, OUT/pairs/<name>.parquet pair tables and OUT/manifest.json. Several
+sources are combined with disjoint label ranges. Rerunning after an interruption resumes where it
+stopped."""
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "decode",
-        help="convert InsightFace .rec/.idx/property and *.bin folders into Parquet shards",
-        usage="facepipe decode [options] SRC [SRC ...] OUT",
-        description=(
-            "Convert one or more InsightFace dataset folders (train.rec, train.idx, property, any *.bin) "
-            "into OUT/train/part-NNNNN.parquet shards, OUT/pairs/<name>.parquet pair tables and "
-            "OUT/manifest.json. Several sources are combined with disjoint label ranges. Rerunning after "
-            "an interruption resumes where it stopped."
-        ),
-    )
+    parser = options.stage_parser(subparsers, "decode", HELP, DESCRIPTION)
+    parser.usage = "facepipe decode [options] SRC [SRC ...] OUT [section.key=value ...]"
     parser.add_argument(
         "paths", nargs="+", metavar="PATH", help="source folders (or .rec files), then the output folder"
     )
-    parser.add_argument(
-        "--target-mb", type=float, default=256.0, help="MB of source records per shard (default 256)"
+    options.config_flag(
+        parser, "--target-mb", key="decode.target_mb", type=float, help="MB of source records per shard"
     )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="parallel processes (default: cores, max 4)",
-    )
-    parser.add_argument(
+    options.config_flag(parser, "--workers", key="decode.workers", help="parallel processes")
+    options.config_flag(
+        parser,
         "--validate",
-        action="store_true",
+        key="decode.validate_images",
         help="decode every image: a bad one stops the run (or is rejected with --skip-bad)",
     )
     add_max_pixels_option(parser)
-    parser.add_argument(
-        "--skip-bad", action="store_true", help="record bad records in OUT/rejects.parquet and go on"
+    options.config_flag(
+        parser,
+        "--skip-bad",
+        key="decode.skip_bad",
+        help="record bad records in OUT/rejects.parquet and go on",
     )
-    parser.add_argument(
+    options.config_flag(
+        parser,
         "--color-order",
-        choices=["RGB", "BGR"],
-        default="RGB",
-        help="colour order the model takes, recorded in the manifest (default RGB, as InsightFace models)",
+        key="decode.color_order",
+        help="colour order the model takes, recorded in the manifest (RGB, as InsightFace models)",
     )
     parser.add_argument("--row-group-mb", type=float, default=None, help="row group size (default 4)")
     parser.add_argument(
@@ -55,49 +54,52 @@ def register(subparsers) -> None:
         default=None,
         help="convert the ranges as Ray tasks on this cluster (host:port, auto, ray://host:10001)",
     )
-    parser.add_argument(
+    options.config_flag(
+        parser,
         "--source-hash",
-        choices=list(SOURCE_HASHES),
-        default=DEFAULT_SOURCE_HASH,
+        key="decode.source_hash",
         help=(
-            f"digest of each source file recorded in the manifest (default {DEFAULT_SOURCE_HASH}: fast, "
+            f"digest of each source file recorded in the manifest ({DEFAULT_SOURCE_HASH}: fast, "
             "not cryptographic; shards always get sha256)"
         ),
     )
-    parser.set_defaults(func=run)
+    options.finish(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from facepipe.data.dataset import Dataset
     from facepipe.data.decode.job import decode_dataset
     from facepipe.progress import summary
 
     if len(args.paths) < 2:
         raise FacepipeError("give at least one SRC and then OUT")
     *sources, out = args.paths
+    config = options.load(args).decode
     manifest = decode_dataset(
         sources,
         out,
-        target_bytes=max(1, int(args.target_mb * (1 << 20))),
-        workers=max(1, args.workers),
-        validate=args.validate,
-        skip_bad=args.skip_bad,
-        color_order=args.color_order,
+        target_bytes=max(1, int(config.target_mb * (1 << 20))),
+        workers=max(1, config.workers),
+        validate=config.validate_images,
+        skip_bad=config.skip_bad,
+        color_order=config.color_order,
         row_group_bytes=int(args.row_group_mb * (1 << 20)) if args.row_group_mb else None,
-        source_hash=args.source_hash,
+        source_hash=config.source_hash,
         max_pixels=args.max_pixels,
         ray_address=args.address,
     )
+    dataset = Dataset.at(out)  # where the layout puts each part (a folder or a URI)
     shard_bytes = sum(s["bytes"] for s in manifest["shards"])
     lines = {
         "images": manifest["num_images"],
         "classes": manifest["num_classes"],
         "image size": "x".join(map(str, manifest["image_size"] or ["?"])),
         "colour order": manifest["color_order"],
-        "shards": f"{len(manifest['shards'])} in {os.path.join(out, 'train')} ({shard_bytes / 1e6:.1f} MB)",
+        "shards": f"{len(manifest['shards'])} in {dataset.train_dir} ({shard_bytes / 1e6:.1f} MB)",
         "resumed": f"{manifest['_run']['skipped_shards']} shards already done",
         "pair tables": ", ".join(f"{k} ({v['pairs']} pairs)" for k, v in manifest["pairs"].items()) or "none",
         "rejects": manifest["rejects"]["count"],
-        "manifest": os.path.join(out, "manifest.json"),
+        "manifest": dataset.manifest_path,
     }
     for src in manifest["sources"]:
         first = src["label_offset"]

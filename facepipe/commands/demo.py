@@ -44,7 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--workdir", default="demo", help="where data, runs, reports and services live")
-    parser.add_argument("--params", default=None, help="params.yaml to start from (default: the repo's)")
+    parser.add_argument(
+        "--config", "--params", dest="params", metavar="FILE", default=None,
+        help="params.yaml to start from (default: the repo's); section.key=value on the line as --set",
+    )  # fmt: skip
     parser.add_argument(
         "--methods",
         default=None,

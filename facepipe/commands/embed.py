@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from facepipe.commands import options
 from facepipe.commands.verify import add_model_options
 
 _DESCRIPTION = """\
@@ -18,13 +19,11 @@ to OUT's rejects table (X.rejects.parquet) with the reason: nothing is dropped s
 BATCH = 64
 
 
+HELP = "embed every photo of a folder with a registered model"
+
+
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "embed",
-        help="embed every photo of a folder with a registered model",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=_DESCRIPTION,
-    )
+    parser = options.stage_parser(subparsers, "embed", HELP, _DESCRIPTION, raw=True)
     parser.add_argument("folder", metavar="FOLDER", type=Path, help="folder of photos (searched recursively)")
     add_model_options(parser)
     parser.add_argument("--out", required=True, type=Path, help="output Parquet file (X.parquet)")
@@ -33,7 +32,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="the images are already aligned faces: skip detection (the detector score is then null)",
     )
-    parser.set_defaults(func=run)
+    options.finish(parser, run)
 
 
 def rejects_path(out: Path) -> Path:
@@ -44,7 +43,6 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from facepipe.commands.verify import make_aligner, open_model
-    from facepipe.config import load_config
     from facepipe.errors import DataError, FacepipeError
     from facepipe.models.photo import NoFaceError, list_photos, read_photo
     from facepipe.progress import progress, summary
@@ -55,11 +53,11 @@ def run(args: argparse.Namespace) -> int:
         raise FacepipeError(f"no images (.jpg, .jpeg, .png, .bmp, .webp) under {args.folder}")
     if args.out.resolve().is_relative_to(args.folder.resolve()):
         raise FacepipeError(f"--out {args.out} lies inside {args.folder}; choose a path outside it")
-    config = load_config(args.params)
+    config = options.load(args)
     rows: dict[str, list[Any]] = {"path": [], "embedding": [], "uncertainty": [], "detection_score": []}
     rejects: dict[str, list[str]] = {"path": [], "reason": [], "detail": []}
     with open_model(args.model, config) as (model, _, registered):
-        aligner = None if args.aligned else make_aligner(args, config, model, registered)
+        aligner = None if args.aligned else make_aligner(config, model, registered)
         pending: list[tuple[str, Any, float | None]] = []
 
         def flush() -> None:

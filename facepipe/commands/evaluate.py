@@ -26,6 +26,7 @@ import logging
 from pathlib import Path
 
 from facepipe.commands.choices import KindChoices, MethodChoices
+from facepipe.commands.options import add_config_option, config_flag, load
 from facepipe.errors import DataError, FacepipeError
 
 log = logging.getLogger("facepipe.evaluate")
@@ -65,9 +66,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--ranks", default=None, help="closed-set ranks reported (default 1,5,10)")
     parser.add_argument("--fpir", default=None, help="open-set FPIR levels (default 0.001,0.01,0.1)")
-    parser.add_argument(
-        "--config", default=None, help="parameters file for --model (default: ./params.yaml if present)"
-    )
+    add_config_option(parser, "parameters file for --model (default: ./params.yaml if present)")
     parser.add_argument(
         "overrides", nargs="*", metavar="section.key=value", help="configuration overrides (with --model)"
     )
@@ -81,7 +80,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--rejection",
         default=None,
-        help="rejection rates (default 0,0.1,0.2,0.3; with --model: eval.rejection_rates)",
+        help="rejection rates, comma-separated (e.g. 0,0.1,0.2,0.3) [sets eval.rejection_rates]",
     )
     parser.add_argument(
         "--fusion",
@@ -89,9 +88,7 @@ def register(subparsers) -> None:
         default="insightface",
         help="template fusion for --templates (an uncertainty method needs 'uncertainty' in the file)",
     )
-    parser.add_argument(
-        "--folds", type=int, default=None, help="k of the k-fold protocol (default 10; --model: eval.folds)"
-    )
+    config_flag(parser, "--folds", key="eval.folds", help="k of the k-fold protocol")
     parser.add_argument("--name", default=None, help="name shown in plots (default: the pair table's stem)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.set_defaults(func=run)
@@ -150,7 +147,7 @@ def _label(path: Path, out: Path) -> str:
 
 def _run_pairs(args: argparse.Namespace):
     from facepipe.eval.features import load_pair_features
-    from facepipe.eval.report import evaluate_pair_features
+    from facepipe.eval.pairs import table_report
 
     if args.pairs is not None and not args.pairs.is_file():
         raise DataError("pair table not found", path=args.pairs)
@@ -165,19 +162,25 @@ def _run_pairs(args: argparse.Namespace):
         features.kind = args.uncertainty
     name = args.name or (args.pairs.stem if args.pairs else args.features.stem)
     log.info("evaluating %d pairs of %s", features.n_pairs, name)
-    edc = _edc_settings(args)
+    from facepipe.eval.edc_report import EdcSettings
+
+    ev = _eval_config(args)
     try:
-        return evaluate_pair_features(features, args.out, name, _rates(args.rejection), args.folds or 10, edc)
+        metrics, _, paths = table_report(
+            features, args.out, name, tuple(ev.rejection_rates), ev.folds, EdcSettings.from_config(ev)
+        )
+        return metrics, paths
     except ValueError as err:
         raise FacepipeError(f"{args.features}: {err}") from err
 
 
-def _edc_settings(args: argparse.Namespace):
-    """EDC targets and limits from the parameters file (eval.edc_*); defaults when there is none."""
-    from facepipe.config import load_config
-    from facepipe.eval.edc_report import EdcSettings
-
-    return EdcSettings.from_config(load_config(args.config, args.overrides).eval)
+def _eval_config(args: argparse.Namespace):
+    """The `eval` section of this run (--config, overrides, --folds), with --rejection applied: the
+    same settings the training stages evaluate with."""
+    ev = load(args).eval
+    if args.rejection is not None:
+        ev.rejection_rates = list(_rates(args.rejection))
+    return ev
 
 
 def _run_templates(args: argparse.Namespace, data: dict | None = None):
@@ -286,9 +289,9 @@ def _run_model(args: argparse.Namespace) -> int:
     import time
 
     from facepipe import tracking
-    from facepipe.config import load_config
-    from facepipe.eval.edc_report import EdcSettings
-    from facepipe.eval.model_features import evaluate_model, load_eval_model, score_names
+    from facepipe.eval import metrics as M
+    from facepipe.eval.model_features import evaluate_model, load_eval_model
+    from facepipe.eval.pairs import eval_options, score_names
     from facepipe.progress import summary
 
     if args.protocol is not None:
@@ -299,10 +302,9 @@ def _run_model(args: argparse.Namespace) -> int:
         )
     if isinstance(args.shards, Path) and not args.shards.is_dir():
         raise DataError("shards folder not found", path=args.shards)
-    config = load_config(args.config, args.overrides)
-    ev = config.eval
-    rates = tuple(ev.rejection_rates) if args.rejection is None else _rates(args.rejection)
-    folds = args.folds or ev.folds
+    config = load(args)
+    config.eval = _eval_config(args)
+    options = eval_options(config.eval)  # the settings the training stages evaluate with
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="facepipe-eval-") as tmp:
         # the command resolves a model URI into a local folder, so evaluation never talks to MLflow
@@ -311,17 +313,17 @@ def _run_model(args: argparse.Namespace) -> int:
         )
         model = load_eval_model(local or args.model, args.model)
         shards = args.shards if isinstance(args.shards, Path) else fetch_pair_tables(args.shards, tmp)
-        tables, paths = evaluate_model(
-            model, shards, args.out, rates, folds, ev.batch_size, ev.flip, EdcSettings.from_config(ev)
-        )
+        tables, paths = evaluate_model(model, shards, args.out, **options)
     lines = {"model": args.model + (f" ({model.method} head)" if model.method else " (backbone)")}
     for name, m in tables.items():
-        text = f"acc {m['accuracy']:.4f} ± {m['std']:.4f}"
-        for key in [f"{score}_accuracy" for score in score_names()] + ["clean_accuracy"]:
+        text = f"acc {m[M.ACCURACY]:.4f} ± {m[M.STD]:.4f}"
+        for key in [M.score_accuracy(score) for score in score_names()] + [M.band_accuracy("clean")]:
             if key in m:
                 text += f", {key.removesuffix('_accuracy')} {m[key]:.4f}"
-        if "spearman_uncertainty_degradation" in m:
-            text += f", spearman(u, degradation) {m['spearman_uncertainty_degradation']:.3f}"
+        if M.SPEARMAN_DEGRADATION in m:
+            text += f", spearman(u, degradation) {m[M.SPEARMAN_DEGRADATION]:.3f}"
+        if M.EDC_PAUC in m:
+            text += f", EDC pAUC@FMR={m[M.EDC_FMR]:g} {m[M.EDC_PAUC]:.4f} (lower is better)"
         lines[name] = text
     lines["report"] = str(args.out / "metrics.json")
     lines["files"] = f"{len(paths)} ({time.monotonic() - start:.1f} s)"
@@ -337,14 +339,13 @@ def _run_model_protocol(args: argparse.Namespace) -> int:
 
     from facepipe import tracking
     from facepipe.commands.evaluate_protocols import embed_protocol, run_video
-    from facepipe.config import load_config
     from facepipe.eval.model_features import load_eval_model
     from facepipe.fsutil import atomic_path
     from facepipe.progress import summary
 
     if not args.protocol.is_dir():
         raise DataError("protocol folder not found", path=args.protocol)
-    config = load_config(args.config, args.overrides)
+    config = load(args)
     with tempfile.TemporaryDirectory(prefix="facepipe-eval-") as tmp:
         local = (
             tracking.download_model(args.model, config.tracking, tmp) if is_model_uri(args.model) else None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facepipe.commands.options import load
 from facepipe.errors import DataError, FacepipeError
 
 ONE_TO_N_KEYS = ("gallery_templates", "gallery_subjects", "probe_templates", "probe_subjects")
@@ -105,7 +106,7 @@ def run_video(args: argparse.Namespace, path: Path, data: dict | None = None):
             unc,
             kind,
             method,
-            args.folds or 10,
+            load(args).eval.folds,
         )
     except ValueError as err:
         raise DataError(str(err), path=path) from err

@@ -13,17 +13,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from facepipe.commands import options
+
+HELP = "export a trained backbone (+ uncertainty head) to ONNX or TorchScript"
+
+DESCRIPTION = """\
+Export a backbone bundle (bundle.json; a folder that holds one, e.g. MLflow model artifacts, works too)
+and, when present or given with --head, its uncertainty head, to ONNX (default) or TorchScript; the
+result is checked against the eager model."""
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export",
-        help="export a trained backbone (+ uncertainty head) to ONNX or TorchScript",
-        description=(
-            "Export a backbone bundle (bundle.json; a folder that holds one, e.g. MLflow model artifacts, "
-            "works too) and, when present or given with --head, its uncertainty head, to ONNX (default) "
-            "or TorchScript; the result is checked against the eager model."
-        ),
-    )
+    parser = options.stage_parser(subparsers, "export", HELP, DESCRIPTION)
     parser.add_argument(
         "--checkpoint", type=Path, required=True, help="backbone bundle or a folder holding one"
     )
@@ -41,13 +42,14 @@ def register(subparsers) -> None:
         "--backbone-only", action="store_true", help="export the backbone even if a head is found"
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    parser.set_defaults(func=run)
+    options.finish(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
     from facepipe.models.export import export_checkpoint
     from facepipe.progress import summary
 
+    options.load(args)  # reads no key today; a bad --config or override still stops here, as everywhere
     fmt = args.format or ("onnx" if args.out.suffix == ".onnx" else "torchscript")
     result = export_checkpoint(
         args.checkpoint, args.out, fmt=fmt, head=args.head, backbone_only=args.backbone_only, opset=args.opset

@@ -6,8 +6,9 @@
     facepipe register backbone --champion 3
 
 A new version gets the alias `challenger`; it takes `champion` when it beats the current champion on
-`tracking.champion_metric`. The training stages do this themselves; this command is for models trained
-elsewhere, re-registration after an evaluation, or a manual promotion.
+`tracking.champion_metric` (backbones) or `tracking.head_champion_metric` (heads). The training stages
+do this themselves; this command is for models trained elsewhere, re-registration after an evaluation,
+or a manual promotion.
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from facepipe.commands import options
 from facepipe.commands.choices import MethodChoices
 from facepipe.errors import FacepipeError
 
+HELP = "register a model in MLflow (challenger / champion aliases) or show aliases"
+
+DESCRIPTION = "Register a backbone bundle (and uncertainty head) in the MLflow model registry."
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "register",
-        help="register a model in MLflow (challenger / champion aliases) or show aliases",
-        description="Register a backbone bundle (and uncertainty head) in the MLflow model registry.",
-    )
+    parser = options.stage_parser(subparsers, "register", HELP, DESCRIPTION)
     parser.add_argument("stage", choices=MethodChoices("backbone"))
     parser.add_argument("source", nargs="?", help="bundle folder (or a checkpoint holding one)")
     parser.add_argument("--head", default=None, help="uncertainty head folder (for a method's stage)")
@@ -35,9 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--metric", action="append", default=[], metavar="NAME=VALUE", help="a metric")
     parser.add_argument("--show", action="store_true", help="list versions and aliases")
     parser.add_argument("--champion", default=None, metavar="VERSION", help="give VERSION the champion alias")
-    parser.add_argument("--config", default=None, help="parameters file (default: ./params.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="configuration overrides")
-    parser.set_defaults(func=run)
+    options.finish(parser, run)
 
 
 def show_lines(mlc: Any, name: str, metric: str) -> list[str]:
@@ -70,9 +70,8 @@ def show_lines(mlc: Any, name: str, metric: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from facepipe import tracking
-    from facepipe.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    config = options.load(args)
     name = tracking.model_name(args.stage)
     mlc = tracking.client(config.tracking)
     if args.champion:
@@ -80,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: champion -> version {args.champion}")
         return 0
     if args.show:
-        for line in show_lines(mlc, name, config.tracking.champion_metric):
+        for line in show_lines(mlc, name, tracking.champion_metric(config.tracking, args.stage)):
             print(line)
         return 0
     if not args.source:

@@ -5,76 +5,64 @@ from __future__ import annotations
 import argparse
 import os
 
-# Defaults: 1,000 identities x 15 images (15k training images, ~60 MB) render in a few minutes on two
-# cores and are enough for a CPU-sized backbone to learn the task in minutes; 3,000 pairs per
-# verification set give 10 folds of 300, as in LFW.
-DEFAULT_IDENTITIES = 1000
-DEFAULT_IMAGES = 15
-DEFAULT_PAIRS = 3000
+from facepipe.commands import options
+
+# The defaults are the `synth` section's (params.yaml, else facepipe.config.SynthConfig): 1,000
+# identities x 15 images (15k training images, ~60 MB) render in a few minutes on two cores and are
+# enough for a CPU-sized backbone to learn the task in minutes; 3,000 pairs per verification set give
+# 10 folds of 300, as in LFW.
+
+
+HELP = "generate a sample dataset of face-like identities in the InsightFace layout"
+
+DESCRIPTION = """\
+Write train.rec/train.idx/property, verification .bin files, degradation sidecars (Parquet),
+synth_manifest.json with pixel/HOG baselines, and samples.png into OUT."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "synth",
-        help="generate a sample dataset of face-like identities in the InsightFace layout",
-        description=(
-            "Write train.rec/train.idx/property, verification .bin files, degradation sidecars "
-            "(Parquet), synth_manifest.json with pixel/HOG baselines, and samples.png into OUT."
-        ),
-    )
+    parser = options.stage_parser(subparsers, "synth", HELP, DESCRIPTION)
     parser.add_argument("out", metavar="OUT", help="output folder (created if needed)")
-    parser.add_argument("--identities", type=int, default=DEFAULT_IDENTITIES, help="training identities")
-    parser.add_argument("--images-per-identity", type=int, default=DEFAULT_IMAGES)
-    parser.add_argument("--pairs", type=int, default=DEFAULT_PAIRS, help="pairs per verification set (even)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=112, help="image side in pixels")
-    parser.add_argument("--workers", type=int, default=0, help="render processes (0: one per CPU core)")
+    for flag, help_text in (
+        ("--identities", "training identities"),
+        ("--images-per-identity", "images of each training identity"),
+        ("--pairs", "pairs per verification set (even)"),
+        ("--seed", "random seed"),
+        ("--size", "image side in pixels"),
+        ("--workers", "render processes (0: one per CPU core)"),
+        (
+            "--protocols",
+            "also write template/video protocol sets: 'ijb', 'video' or 'ijb,video' ('' for none; release "
+            "layouts under OUT/ijb, OUT/ytf, read into OUT/protocols/{ijb,video} for `facepipe evaluate "
+            "--protocol`)",
+        ),
+        ("--protocol-subjects", "identities in each protocol set (>= 2)"),
+    ):
+        options.config_flag(parser, flag, key=f"synth.{flag[2:].replace('-', '_')}", help=help_text)
     parser.add_argument(
-        "--protocols",
-        default="",
-        help="also write template/video protocol sets: 'ijb', 'video' or 'ijb,video' (release layouts under "
-        "OUT/ijb, OUT/ytf, read into OUT/protocols/{ijb,video} for `facepipe evaluate --protocol`)",
-    )
-    parser.add_argument(
-        "--protocol-subjects", type=int, default=20, help="identities in each protocol set (>= 2)"
-    )
-    parser.add_argument(
-        "--protocols-only", action="store_true", help="write only the --protocols sets, not the dataset"
+        "--protocols-only", action="store_true", help="write only the protocol sets, not the dataset"
     )
     parser.add_argument(
         "--force", action="store_true", help="regenerate everything (default: keep stages already written)"
     )
-    parser.set_defaults(func=run)
+    options.finish(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from facepipe.data.synth.generate import SynthConfig, generate
+    from facepipe.data.synth.generate import generate
     from facepipe.errors import FacepipeError
     from facepipe.progress import summary
 
-    try:
-        cfg = SynthConfig(
-            identities=args.identities,
-            images_per_identity=args.images_per_identity,
-            pairs=args.pairs,
-            seed=args.seed,
-            size=args.size,
-        )
-    except ValueError as err:
-        raise FacepipeError(str(err)) from None
-    if args.workers < 0:
-        raise FacepipeError("--workers must be >= 0")
-    workers = args.workers or os.cpu_count() or 1
-    kinds = tuple(k.strip() for k in args.protocols.split(",") if k.strip())
-    if any(k not in ("ijb", "video") for k in kinds) or (args.protocols_only and not kinds):
-        raise FacepipeError(f"--protocols takes ijb, video or ijb,video, not {args.protocols!r}")
-    if args.protocol_subjects < 2:
-        raise FacepipeError("--protocol-subjects must be >= 2")
+    cfg = options.load(args).synth
+    workers = cfg.workers or os.cpu_count() or 1
+    kinds = cfg.protocol_kinds
+    if args.protocols_only and not kinds:
+        raise FacepipeError("--protocols-only needs --protocols (synth.protocols) ijb, video or ijb,video")
     lines: dict[str, object] = {"folder": os.path.abspath(args.out)}
     if kinds:
         from facepipe.data.synth.protocols import write_protocols
 
-        for kind, info in write_protocols(args.out, cfg, kinds, args.protocol_subjects).items():
+        for kind, info in write_protocols(args.out, cfg, kinds, cfg.protocol_subjects).items():
             counts = ", ".join(f"{v} {k}" for k, v in info.items() if k != "tables")
             lines[f"{kind} protocol"] = f"{counts} -> {info['tables']}"
     if args.protocols_only:

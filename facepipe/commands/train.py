@@ -4,8 +4,9 @@
     facepipe train uncertainty --method METHOD --backbone models:/facepipe-backbone@champion
     facepipe train finetune --backbone models:/facepipe-backbone@champion
 
-Re-running with the same `--name` resumes that run from its latest checkpoint. `--address` attaches to
-a Ray cluster (same as `train_*.scaling.address=...`).
+Re-running with the same `--name` resumes that run from its latest checkpoint. `--shards`, `--address`,
+`--backbone`, `--method` and `--no-cache` are shortcuts for `paths.shards`, `<section>.scaling.address`,
+`<section>.backbone_uri`, `train_uncertainty.method` and `train_uncertainty.cache_features=false`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from facepipe.commands import options
 from facepipe.commands.choices import MethodChoices
 from facepipe.console import framework_output_to
 from facepipe.orchestration.stage_cache import LOG_DIR
+
+SECTIONS = {"backbone": "train_backbone", "uncertainty": "train_uncertainty", "finetune": "finetune"}
 
 
 def register(subparsers) -> None:
@@ -32,11 +36,13 @@ def register(subparsers) -> None:
         ("uncertainty", "an uncertainty head (a registered method) on a frozen backbone"),
         ("finetune", "triplet fine-tuning with the centre term (video model)"),
     ):
-        sub = stages.add_parser(stage, help=text, description=text)
-        sub.add_argument("--config", default=None, help="parameters file (default: ./params.yaml)")
-        sub.add_argument("--shards", default=None, help="decoded dataset (default: paths.shards)")
+        section = SECTIONS[stage]
+        sub = options.stage_parser(stages, stage, help=text, description=text)
+        options.config_flag(sub, "--shards", key="paths.shards", help="decoded dataset")
         sub.add_argument("--name", default=None, help="run name; an existing run of that name is resumed")
-        sub.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+        options.config_flag(
+            sub, "--address", key=f"{section}.scaling.address", help="Ray cluster address (unset: local Ray)"
+        )
         sub.add_argument("--no-register", action="store_true", help="log to MLflow but do not register")
         sub.add_argument(
             "--events",
@@ -45,16 +51,25 @@ def register(subparsers) -> None:
             help="append worker events (start with pid/node, step, checkpoint) as JSON lines",
         )
         if stage != "backbone":
-            sub.add_argument(
+            options.config_flag(
+                sub,
                 "--backbone",
-                default=None,
+                key=f"{section}.backbone_uri",
                 help="model URI (models:/NAME@ALIAS) or a bundle/checkpoint folder",
             )
         if stage == "uncertainty":
-            sub.add_argument("--method", choices=MethodChoices(), default=None)
-            sub.add_argument(
+            options.config_flag(
+                sub,
+                "--method",
+                key="train_uncertainty.method",
+                choices=MethodChoices(),
+                help="uncertainty method",
+            )
+            options.config_flag(
+                sub,
                 "--no-cache",
-                action="store_true",
+                key="train_uncertainty.cache_features",
+                const=False,
                 help="recompute backbone features every batch instead of caching them",
             )
         sub.add_argument(
@@ -63,21 +78,11 @@ def register(subparsers) -> None:
             metavar="FILE",
             help="also write the final metrics as JSON to FILE (atomically; for `dvc metrics`)",
         )
-        sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="configuration overrides")
-        sub.set_defaults(func=run)
+        options.finish(sub, run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from facepipe.config import load_config
-
-    config = load_config(args.config, args.overrides)
-    section = {
-        "backbone": config.train_backbone,
-        "uncertainty": config.train_uncertainty,
-        "finetune": config.finetune,
-    }[args.stage]
-    if args.address:
-        section.scaling.address = args.address
+    config = options.load(args)
     with framework_output_to(None if args.verbose else _log_path(config, args.stage)) as logged:
         result = _run_stage(args, config)
     if logged is not None:
@@ -100,19 +105,13 @@ def _run_stage(args: argparse.Namespace, config: Any) -> Any:
     if args.stage == "backbone":
         from facepipe.train.backbone import train_backbone
 
-        result = train_backbone(
-            config, args.shards, run_name=args.name, register=register, events_path=args.events
-        )
+        result = train_backbone(config, None, run_name=args.name, register=register, events_path=args.events)
     elif args.stage == "uncertainty":
         from facepipe.train.head import train_uncertainty
 
-        if args.no_cache:
-            config.train_uncertainty.cache_features = False
         result = train_uncertainty(
             config,
-            args.shards,
-            method=args.method,
-            backbone_uri=args.backbone,
+            None,  # the data, method and backbone are config keys (--shards, --method, --backbone)
             run_name=args.name,
             register=register,
             events_path=args.events,
@@ -122,8 +121,7 @@ def _run_stage(args: argparse.Namespace, config: Any) -> Any:
 
         result = finetune(
             config,
-            args.shards,
-            backbone_uri=args.backbone,
+            None,
             run_name=args.name,
             register=register,
             events_path=args.events,

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from facepipe.commands import options
+
 _DESCRIPTION = """\
 Detect the main face of each photo (YuNet, as the align stage does), align it to the
 model's template, embed it, and compare the two: the score (cosine, or the model's
@@ -27,34 +29,29 @@ DECISION_TEXT = {"same": "same person", "different": "different people", "reject
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model, --detector-model, --min-score, --params: shared by verify and embed."""
+    """--model, --detector-model, --min-score: shared by verify and embed."""
     parser.add_argument(
         "--model",
         required=True,
         help="registered model URI (models:/facepipe-probface@champion) or a local model folder",
     )
-    parser.add_argument(
+    options.config_flag(
+        parser,
         "--detector-model",
+        key="align.detector_model",
         metavar="PATH",
-        help="YuNet ONNX model (default: align.detector_model in params, else the one registered "
-        "with the model)",
+        help="YuNet ONNX model (when unset: the one registered with the model)",
     )
-    parser.add_argument(
-        "--min-score", type=float, metavar="S", help="minimum detector score (default: align.min_score)"
+    options.config_flag(
+        parser, "--min-score", key="align.min_score", metavar="S", help="minimum detector score"
     )
-    parser.add_argument(
-        "--params", metavar="FILE", help="params.yaml to read defaults from (default: ./params.yaml)"
-    )
+
+
+HELP = "compare the faces of two photos with a registered model"
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "verify",
-        help="compare the faces of two photos with a registered model",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=_DESCRIPTION,
-        epilog=_EPILOG,
-    )
+    parser = options.stage_parser(subparsers, "verify", HELP, _DESCRIPTION, _EPILOG, raw=True)
     parser.add_argument("image_a", metavar="A", type=Path, help="first photo")
     parser.add_argument("image_b", metavar="B", type=Path, help="second photo")
     add_model_options(parser)
@@ -66,7 +63,7 @@ def register(subparsers) -> None:
         "--risk-threshold", type=float, help="uncertainty above which a pair is rejected (default: stored)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.set_defaults(func=run)
+    options.finish(parser, run)
 
 
 @contextlib.contextmanager
@@ -100,27 +97,26 @@ def registered_detector(folder: Path) -> Path | None:
     return None
 
 
-def make_aligner(args: argparse.Namespace, config: Any, model: Any, registered: Path | None) -> Any:
+def make_aligner(config: Any, model: Any, registered: Path | None) -> Any:
+    """The photo aligner: --detector-model / align.detector_model, else the model's registered one."""
     from facepipe.models.photo import PhotoAligner, detector_path
 
     configured = config.align.detector_model or (str(registered) if registered else None)
-    min_score = args.min_score if args.min_score is not None else config.align.min_score
-    return PhotoAligner(detector_path(args.detector_model, configured), model.input_size, min_score)
+    return PhotoAligner(detector_path(None, configured), model.input_size, config.align.min_score)
 
 
 def run(args: argparse.Namespace) -> int:
-    from facepipe.config import load_config
     from facepipe.models.operating import decide, pick
     from facepipe.models.photo import read_photo
 
-    config = load_config(args.params)
+    config = options.load(args)
     with open_model(args.model, config) as (model, tags, registered):
         if args.threshold is not None:
             threshold, risk, far = args.threshold, args.risk_threshold, None
         else:  # before any photo is read: a model without a stored threshold fails at once
             (threshold, risk), far = pick(tags, args.far), args.far
             risk = args.risk_threshold if args.risk_threshold is not None else risk
-        aligner = make_aligner(args, config, model, registered)
+        aligner = make_aligner(config, model, registered)
         faces = [aligner.align(read_photo(p), str(p)) for p in (args.image_a, args.image_b)]
         out = model.embed(model.to_input([f.crop for f in faces]))
         u = out["u"]

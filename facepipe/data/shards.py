@@ -1,14 +1,14 @@
-"""Parquet shards: the one training format, plus verification pair tables and the manifest.
+"""Parquet shards: the one training format, plus verification pair tables (their schemas, writing, reading).
 
 A training shard holds one row per image with the encoded bytes exactly as they came (never re-encoded).
 Row groups are bounded in bytes, so a reader streams a shard a row group at a time and no column chunk
 comes near Parquet's/Arrow's 2 GiB limits. Files are written to a temporary name and renamed when
-complete, so nothing half-written looks like a shard.
+complete, so nothing half-written looks like a shard. Where a dataset keeps them (the layout, the
+manifest): :mod:`facepipe.data.dataset`; the manifest and listing functions here are kept for callers.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -18,10 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from facepipe.data.dataset import MANIFEST_NAME, TRAIN_DIR, Dataset, list_parquet, read_manifest
 from facepipe.data.formats.image_header import DEFAULT_MAX_PIXELS, size_problem
 from facepipe.errors import DataError
-from facepipe.fsutil import atomic_path, write_json_atomic
-from facepipe.storage import is_remote, join, list_files, open_input_file, read_text
+from facepipe.fsutil import atomic_path
+from facepipe.storage import is_remote, join, open_input_file
 
 __all__ = [
     "TRAIN_SCHEMA",
@@ -43,7 +44,6 @@ __all__ = [
     "images_to_tensor",
 ]
 
-MANIFEST_NAME = "manifest.json"
 DEFAULT_ROW_GROUP_BYTES = 4 << 20
 
 TRAIN_SCHEMA = pa.schema(
@@ -165,24 +165,8 @@ def column_to_numpy(column: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
-    path = Path(out_dir) / MANIFEST_NAME
-    write_json_atomic(path, manifest)
-    return path
-
-
-def read_manifest(out_dir: str | os.PathLike) -> dict:
-    """OUT/manifest.json of a decoded dataset, local or at a URI (published last: present = complete)."""
-    path = join(out_dir, MANIFEST_NAME) if is_remote(out_dir) else Path(out_dir) / MANIFEST_NAME
-    try:
-        return json.loads(read_text(path) if is_remote(out_dir) else path.read_text())
-    except FileNotFoundError:
-        raise DataError(
-            "no manifest: not a decoded dataset (run `facepipe decode` first)", str(path)
-        ) from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"manifest is not valid JSON: {err}", str(path)) from None
-    except OSError as err:  # object storage unreachable, bucket or permission missing
-        raise DataError(f"cannot read the manifest: {err}", str(path)) from None
+    """Write OUT/manifest.json (local; see `Dataset.write_manifest`)."""
+    return Path(Dataset(out_dir).write_manifest(manifest))
 
 
 # ---------------------------------------------------------------------------------------- pair tables
@@ -246,36 +230,26 @@ def read_pair_table(path: str | os.PathLike) -> pa.Table:
 
 
 def list_shards(directory: str | os.PathLike) -> list[Path] | list[str]:
-    """Training shards of a decoded dataset (OUT or OUT/train), in shard order; temp files excluded.
-
-    Under a URI they are URIs (str), else Paths."""
+    """Training shards in a folder (OUT/train of a dataset OUT, else the folder itself), in shard order;
+    temp files excluded. Under a URI they are URIs (str), else Paths. A dataset's own shard list:
+    `Dataset.open(OUT).training_shards`."""
     if is_remote(directory):
-        return list_files(join(directory, "train"), ".parquet") or list_files(directory, ".parquet")
+        return list_parquet(join(directory, TRAIN_DIR)) or list_parquet(directory)
     directory = Path(directory)
-    if (directory / "train").is_dir():
-        directory = directory / "train"
-    return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith("."))
+    if (directory / TRAIN_DIR).is_dir():
+        directory = directory / TRAIN_DIR
+    return list_parquet(directory)
 
 
 def pair_tables(shards_dir: str | os.PathLike) -> dict[str, Path] | dict[str, str]:
-    """name -> pair table of a decoded dataset (OUT/pairs/<name>.parquet; a URI under a URI)."""
-    if is_remote(shards_dir):
-        found = list_files(join(shards_dir, "pairs"), ".parquet")
-        return {uri.rsplit("/", 1)[1][: -len(".parquet")]: uri for uri in found}
-    folder = Path(shards_dir) / "pairs"
-    return {p.stem: p for p in sorted(folder.glob("*.parquet")) if not p.name.startswith(".")}
+    """name -> pair table of a dataset (`Dataset.at(shards_dir).pair_tables`)."""
+    return Dataset.at(shards_dir).pair_tables  # type: ignore[return-value]
 
 
 def fetch_pair_tables(location: str, dst: str | os.PathLike) -> Path:
     """Copy the manifest and pair tables of a dataset at a URI into `dst` (a local dataset folder
     without training shards); DataError when `location` holds no complete dataset."""
-    from facepipe.storage import download_tree
-
-    manifest = read_manifest(location)  # published last: its presence means the pairs are complete
-    out = Path(dst)
-    download_tree(join(location, "pairs"), out / "pairs")
-    write_manifest(out, manifest)
-    return out
+    return Path(Dataset.at(location).fetch_pairs(dst).location)
 
 
 def iter_shard_batches(

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from facepipe.errors import FacepipeError
+from facepipe.eval import metrics as M
 from facepipe.eval.edc import EDCResult
 from facepipe.eval.edc_report import BASELINES, REFERENCE_LINES, EdcSettings, edc_section, image_qualities
 
@@ -112,6 +113,18 @@ def _risk_at(risk: dict, reject: float) -> float:
     return float(np.asarray(risk["accuracy"])[int(np.argmin(np.abs(rates - reject)))])
 
 
+def _row(
+    accuracy: float, roc: dict, risk: dict, quality: np.ndarray, degradation, settings: CompareSettings
+) -> dict[str, Any]:
+    """The numeric columns of one comparison row (keys of facepipe.eval.metrics)."""
+    return {
+        M.ACCURACY: float(accuracy),
+        M.TAR_AT_FAR: _tar(roc, settings.far),
+        M.RISK_AT_REJECT: _risk_at(risk, settings.reject),
+        M.SPEARMAN_QUALITY: _spearman(quality, degradation),
+    }
+
+
 def _check_same_backbone(features: list, labels: list[str], table: str) -> None:
     first = features[0].embeddings
     for f, label in zip(features[1:], labels[1:], strict=True):
@@ -163,18 +176,8 @@ def compare_table(
         own = metrics[spec.score_name]
         risk = metrics["risk"][spec.score_name]
         curves[f"{label} ({spec.score_name})"] = (risk["rejection_rates"], risk["accuracy"])
-        rows.append(
-            {
-                "method": label,
-                "kind": "uncertainty head",
-                "source": model.source,
-                "score": spec.score_name,
-                "accuracy": float(own["accuracy"]),
-                "tar_at_far": _tar(own, settings.far),
-                "risk_accuracy": _risk_at(risk, settings.reject),
-                "spearman_degradation": _spearman(q, f.degradation),
-            }
-        )
+        head = {"method": label, "kind": "uncertainty head", "source": model.source, "score": spec.score_name}
+        rows.append(head | _row(own["accuracy"], own, risk, q, f.degradation, settings))
     # baselines: the cosine score, pairs ranked by a quality that is not a head's
     ver = evaluate_embeddings(base.embeddings, base.issame, base.flipped, settings.folds)
     cos_metrics = tar_at_far(cos, base.issame).metrics()
@@ -182,23 +185,14 @@ def compare_table(
     for name, q in baseline_q.items():
         pair_u = -np.minimum(q[0::2], q[1::2])
         risk = risk_controlled_accuracy(cos, base.issame, pair_u, settings.rates, settings.folds).metrics()
-        curves[f"{name} (cosine)"] = (risk["rejection_rates"], risk["accuracy"])
-        rows.append(
-            {
-                "method": name,
-                "kind": "baseline",
-                "source": "backbone embedding" if name == "feature_norm" else "",
-                "score": "cosine",
-                "accuracy": float(ver.accuracy),
-                "tar_at_far": _tar(cos_metrics, settings.far),
-                "risk_accuracy": _risk_at(risk, settings.reject),
-                "spearman_degradation": _spearman(q, base.degradation),
-            }
-        )
+        curves[f"{name} ({M.COSINE})"] = (risk["rejection_rates"], risk["accuracy"])
+        source = "backbone embedding" if name == "feature_norm" else ""
+        row = {"method": name, "kind": "baseline", "source": source, "score": M.COSINE}
+        rows.append(row | _row(ver.accuracy, cos_metrics, risk, q, base.degradation, settings))
     qualities.update(baseline_q)
     section, results = edc_section(cos, base.issame, qualities, settings.edc)
     for name in REFERENCE_LINES:
-        rows.append({"method": name, "kind": "EDC reference", "source": "", "score": "cosine"})
+        rows.append({"method": name, "kind": "EDC reference", "source": "", "score": M.COSINE})
     for row in rows:  # None at an unsupported FMR target (see facepipe.eval.edc_report)
-        row["pauc"] = {k: v["pauc"] for k, v in section["methods"][row["method"]].items()}
+        row[M.PAUC] = {k: v["pauc"] for k, v in section["methods"][row["method"]].items()}
     return TableComparison(table, rows, results, curves, base.n_pairs, section)

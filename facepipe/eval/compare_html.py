@@ -11,6 +11,7 @@ import html
 import os
 from pathlib import Path
 
+from facepipe.eval import metrics as M
 from facepipe.eval.compare import CompareSettings, TableComparison
 from facepipe.eval.edc_report import fmr_key
 from facepipe.fsutil import atomic_path
@@ -52,18 +53,9 @@ def table_cells(comparison: TableComparison, settings: CompareSettings) -> list[
     out = []
     keys = [fmr_key(a) for a in settings.edc.fmr_targets]
     for row in comparison.rows:
-        paucs = ["unsupported" if k in comparison.unsupported else _num(row["pauc"].get(k), 5) for k in keys]
-        out.append(
-            [
-                row["method"],
-                row["kind"],
-                _num(row.get("accuracy")),
-                _num(row.get("tar_at_far")),
-                _num(row.get("risk_accuracy")),
-                *paucs,
-                _num(row.get("spearman_degradation"), 3),
-            ]
-        )
+        paucs = ["unsupported" if k in comparison.unsupported else _num(row[M.PAUC].get(k), 5) for k in keys]
+        numbers = [_num(row.get(key)) for key in (M.ACCURACY, M.TAR_AT_FAR, M.RISK_AT_REJECT)]
+        out.append([row["method"], row["kind"], *numbers, *paucs, _num(row.get(M.SPEARMAN_QUALITY), 3)])
     return out
 
 

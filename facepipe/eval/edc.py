@@ -141,25 +141,17 @@ def edc(
     ``threshold``: reuse a τ already computed for these scores (it depends on scores and α only).
     ``ranking``: reuse :func:`rank_quality` of ``quality`` (the sort is the expensive step).
     """
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    issame = np.asarray(issame, dtype=bool).reshape(-1)
     quality = np.asarray(quality, dtype=np.float64).reshape(-1)
+    scores, issame, tau, grid, upto = _setup(scores, issame, fmr_target, discard_limit, discard, threshold)
     n = scores.shape[0]
-    if issame.shape[0] != n or quality.shape[0] != n:
+    if quality.shape[0] != n:
         raise ValueError(f"scores ({n}), labels ({issame.shape[0]}) and quality ({quality.shape[0]}) differ")
-    if n == 0:
-        raise ValueError("no comparisons")
-    if np.isnan(quality).any() or np.isnan(scores).any():
+    if np.isnan(quality).any():
         raise ValueError("scores and quality must not be NaN")
-    if not 0.0 < discard_limit <= 1.0:
-        raise ValueError(f"discard limit must lie in (0, 1], got {discard_limit}")
-    tau = threshold_at_fmr(scores, issame, fmr_target) if threshold is None else float(threshold)
     match = scores > tau
     order, starts = rank_quality(quality) if ranking is None else ranking
-    grid = _grid(discard, discard_limit)
     # only the groups that start within the largest fraction asked for matter, plus the next boundary:
     # per-group arrays then cover ~that fraction of N (memory at IJB-C scale)
-    upto = max(discard_limit, float(grid.max()) if grid.size else 0.0)
     k = int(np.searchsorted(starts, upto * n + COUNT_SLACK, side="right"))
     cut = int(starts[k]) if k < starts.shape[0] else n
     counts = np.append(starts[:k], cut)  # c_0 = 0 .. c_k, the first realisable count past the range
@@ -174,6 +166,32 @@ def edc(
     kept_imp = (n - counts) - kept_gen
     steps = (_rate(kept_fnm, kept_gen), _rate(kept_fm, kept_imp))
     return _sampled(fmr_target, tau, discard_limit, counts, n, steps, grid)
+
+
+def _setup(
+    scores: np.ndarray,
+    issame: np.ndarray,
+    fmr_target: float,
+    discard_limit: float,
+    discard: Sequence[float] | np.ndarray | None,
+    threshold: float | None,
+) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, float]:
+    """What every EDC starts from: checked float64 scores and labels, the threshold τ at the FMR target,
+    the sampled discard fractions and how far the curve must be computed (the limit or the grid's end)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    issame = np.asarray(issame, dtype=bool).reshape(-1)
+    n = scores.shape[0]
+    if issame.shape[0] != n:
+        raise ValueError(f"scores ({n}) and labels ({issame.shape[0]}) differ")
+    if n == 0:
+        raise ValueError("no comparisons")
+    if np.isnan(scores).any():
+        raise ValueError("scores and quality must not be NaN")
+    if not 0.0 < discard_limit <= 1.0:
+        raise ValueError(f"discard limit must lie in (0, 1], got {discard_limit}")
+    tau = threshold_at_fmr(scores, issame, fmr_target) if threshold is None else float(threshold)
+    grid = _grid(discard, discard_limit)
+    return scores, issame, tau, grid, max(discard_limit, float(grid.max()) if grid.size else 0.0)
 
 
 def _grid(discard: Sequence[float] | np.ndarray | None, discard_limit: float) -> np.ndarray:
@@ -220,16 +238,12 @@ def ideal_edc(
     threshold: float | None = None,
 ) -> EDCResult:
     """The ideal (oracle) FNMR-EDC: false non-matches discarded first, one comparison at a time."""
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    issame = np.asarray(issame, dtype=bool).reshape(-1)
+    scores, issame, tau, grid, upto = _setup(scores, issame, fmr_target, discard_limit, discard, threshold)
     n = scores.shape[0]
-    tau = threshold_at_fmr(scores, issame, fmr_target) if threshold is None else float(threshold)
     match = scores > tau
     false_nm, genuine = int((issame & ~match).sum()), int(issame.sum())
     fm, impostor = int((~issame & match).sum()), int((~issame).sum())
-    grid = _grid(discard, discard_limit)
     # only the discard counts up to the limit (or the grid's end), plus one, matter
-    upto = max(discard_limit, float(grid.max()) if grid.size else 0.0)
     m = np.arange(0, min(n, int(np.floor(upto * n)) + 1) + 1)
     removed_fnm = np.minimum(m, false_nm)
     fnmr_steps = _rate(false_nm - removed_fnm, genuine - removed_fnm)

@@ -5,7 +5,7 @@ head, as a registered model's downloaded artifacts or a head-stage checkpoint do
 command resolves model URIs (`models:/facepipe-probface@champion`) into such a folder first.
 `pair_table_features` runs it over a pair table in batches and returns a
 :class:`facepipe.eval.features.PairFeatures` in the verification layout (rows 2i / 2i+1 = pair
-i's images), ready for :func:`facepipe.eval.report.evaluate_pair_features`:
+i's images), ready for :func:`facepipe.eval.pairs.table_report`:
 
 * `embeddings` = f(x) and `flipped` = f(mirror x), un-normalised: the InsightFace protocol fuses
   them as f(x) + f(flip x) before normalising;
@@ -26,18 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from facepipe.data.shards import pair_tables, read_manifest
+from facepipe.data.dataset import PAIR_DEGRADATION_COLUMNS, Dataset
 from facepipe.errors import DataError, FacepipeError
 from facepipe.eval.features import PairFeatures, read_pair_labels
-from facepipe.eval.report import evaluate_pair_features, write_metrics
-from facepipe.eval.verification import evaluate_embeddings
+from facepipe.eval.pairs import table_report
+from facepipe.eval.report import write_metrics
 from facepipe.models.bundle import BundleInfo, find_bundle, load_bundle
 from facepipe.models.embed import decode_images_of, embed_images
 from facepipe.progress import progress
 
 log = logging.getLogger(__name__)
-
-DEGRADATION_COLUMNS = ("degradation_a", "degradation_b")
 
 
 @dataclass
@@ -124,7 +122,7 @@ def pair_table_features(
     missing = [c for c in ("image_a", "image_b") if c not in names]
     if missing:
         raise DataError(f"pair table lacks columns {missing}", path=path)
-    deg_cols = [c for c in DEGRADATION_COLUMNS if c in names]
+    deg_cols = [c for c in PAIR_DEGRADATION_COLUMNS if c in names]
     batch_pairs = max(1, batch_images // 2)
     size = tuple(model.info.input_size)
     order = color_order or model.info.color_order
@@ -170,79 +168,8 @@ def pair_table_features(
 
 
 # ---------------------------------------------------------------------------------------------
-# Extra numbers for the sample dataset: clean-pair accuracy, uncertainty vs degradation
-# ---------------------------------------------------------------------------------------------
-
-CLEAN_MAX = 0.3  # a "clean" pair: both images' generated degradation below this
-HEAVY_MIN = 0.7  # a "heavily degraded" pair: either image's degradation above this
-
-
-def degradation_metrics(features: PairFeatures, n_folds: int = 10) -> dict[str, Any]:
-    """10-fold accuracy on clean (both < 0.3), degraded (either >= 0.3) and heavily degraded (either > 0.7)
-    pairs, and Spearman(uncertainty, degradation) per image."""
-    if features.degradation is None:
-        return {}
-    d = np.asarray(features.degradation, dtype=np.float64).reshape(-1, 2)
-    out: dict[str, Any] = {}
-    known = ~np.isnan(d).any(axis=1)
-    worst = np.where(known, np.nan_to_num(d, nan=0.0).max(axis=1), np.nan)
-    bands = (
-        ("clean", known & (worst < CLEAN_MAX)),
-        ("degraded", known & (worst >= CLEAN_MAX)),
-        ("heavily_degraded", known & (worst > HEAVY_MIN)),
-    )
-    for label, mask in bands:
-        idx = np.flatnonzero(mask)
-        out[f"n_{label}_pairs"] = int(idx.size)
-        same = features.issame[idx]
-        if idx.size < 2 * n_folds or same.all() or not same.any():
-            continue  # too few pairs, or one class only: no meaningful k-fold accuracy
-        rows = np.stack([2 * idx, 2 * idx + 1], axis=1).reshape(-1)
-        flipped = features.flipped[rows] if features.flipped is not None else None
-        res = evaluate_embeddings(features.embeddings[rows], same, flipped, n_folds)
-        out[f"{label}_accuracy"] = float(res.accuracy)
-        out[f"{label}_std"] = float(res.std)
-    if features.uncertainty is not None:
-        from scipy.stats import spearmanr
-
-        u = features.uncertainty.reshape(features.embeddings.shape[0], -1).mean(axis=1)
-        per_image = d.reshape(-1)
-        ok = ~np.isnan(per_image)
-        if ok.sum() >= 3 and np.ptp(per_image[ok]) > 0 and np.ptp(u[ok]) > 0:
-            out["spearman_uncertainty_degradation"] = float(spearmanr(u[ok], per_image[ok]).statistic)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # The whole report of a model on a dataset's pair tables
 # ---------------------------------------------------------------------------------------------
-
-
-def score_names() -> list[str]:
-    """The metric keys of every registered method's uncertainty-aware score ("mls_pfe", ...)."""
-    from facepipe.uncertainty.registry import METHODS  # lazy: torch
-
-    return [spec.score_name for spec in METHODS.values()]
-
-
-def table_summary(metrics: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers of one pair table's full metrics (what OUT/metrics.json holds)."""
-    ver = metrics["insightface"]
-    out: dict[str, Any] = {
-        "n_pairs": metrics["n_pairs"],
-        "accuracy": ver["accuracy"],
-        "std": ver["std"],
-        "val_at_far_1e-3": ver["val"],
-        "auc": metrics["cosine"]["auc"],
-    }
-    for score in score_names():
-        if score in metrics:
-            out[f"{score}_accuracy"] = metrics[score]["accuracy"]
-    for label, risk in (metrics.get("risk") or {}).items():
-        for rate, acc in zip(risk["rejection_rates"], risk["accuracy"], strict=True):
-            out[f"risk_{label}_reject_{int(round(rate * 100))}"] = acc
-    out.update(extra)
-    return out
 
 
 def evaluate_model(
@@ -257,16 +184,20 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], list[Path]]:
     """Score `model` on every pair table of `shards_dir`; write the report into `out_dir`.
 
-    Returns (summary keyed by pair-table name, files written).
+    The one evaluation of a model: `facepipe evaluate --model` and the training stages' end-of-stage
+    evaluation both run it (with :func:`facepipe.eval.pairs.eval_options` of `eval.*`), and each table
+    goes through :func:`facepipe.eval.pairs.table_report`. Returns (headline keyed by pair-table name,
+    files written); the headline keys are those of :mod:`facepipe.eval.metrics`.
     """
     shards_dir, out = Path(shards_dir), Path(out_dir)
-    tables = pair_tables(shards_dir)
+    dataset = Dataset.at(shards_dir)  # a decoded dataset, or a protocol folder of pair tables
+    tables = dataset.pair_tables
     if not tables:
-        raise DataError("no pair tables (pairs/*.parquet) to evaluate on", path=shards_dir / "pairs")
+        raise DataError("no pair tables (pairs/*.parquet) to evaluate on", path=dataset.pairs_dir)
     order = model.info.color_order
-    if (shards_dir / "manifest.json").is_file():
-        data_order = read_manifest(shards_dir).get("color_order")
-        if data_order and data_order != order:
+    if dataset.has_manifest():
+        data_order = dataset.color_order
+        if data_order != order:
             log.warning(
                 "model was trained on %s input, dataset manifest says %s: using %s", order, data_order, order
             )
@@ -276,19 +207,16 @@ def evaluate_model(
         features = pair_table_features(model, path, order, batch_images, flip)
         plots = out / "plots" / name
         try:
-            metrics, paths = evaluate_pair_features(
+            metrics, summary[name], paths = table_report(
                 features, plots, name, tuple(rejection_rates), n_folds, edc
             )
         except ValueError as err:
             raise DataError(f"cannot evaluate: {err}", path=path) from err
-        extra = degradation_metrics(features, n_folds)
-        metrics["degradation"] = extra
         metrics["model"] = model.source
         # the full metrics live beside, not inside, the plots folder (dvc tracks that as plots)
         (plots / "metrics.json").unlink(missing_ok=True)
         written.append(write_metrics(out / name, metrics))
         written.extend(p for p in paths if p.suffix == ".png")
-        summary[name] = table_summary(metrics, extra)
     written.insert(0, write_metrics(out, summary))
     info = {
         "source": model.source,

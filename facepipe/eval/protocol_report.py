@@ -16,7 +16,7 @@ import numpy as np
 
 from facepipe.eval.identification import DEFAULT_FPIR, DEFAULT_RANKS, SearchResult, cmc, search, tpir_at_fpir
 from facepipe.eval.plots import figure, save_png, set_labels
-from facepipe.eval.report import plot_det, plot_roc, write_metrics
+from facepipe.eval.report import log_curves, plot_det, plot_roc, write_metrics
 
 
 def plot_cmc(
@@ -38,14 +38,7 @@ def plot_identification_det(
 ) -> Path:
     """FNIR vs FPIR on log-log axes; ``curves[name] = (fpir, fnir)`` (zeros are left off the log axes)."""
     plt, fig, ax = figure()
-    for name, (fpir, fnir) in curves.items():
-        fpir, fnir = np.asarray(fpir, np.float64), np.asarray(fnir, np.float64)
-        ok = (fpir > 0) & (fnir > 0)
-        ax.plot(
-            np.where(ok, fpir, np.nan), np.where(ok, fnir, np.nan), lw=1.5, drawstyle="steps-post", label=name
-        )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    log_curves(ax, curves, log_y=True, drawstyle="steps-post")
     x, y = "False positive identification rate (FPIR, log)", "False negative identification rate (FNIR, log)"
     set_labels(ax, x, y, title or "Open-set identification DET", "upper right")
     return save_png(plt, fig, Path(path))

@@ -16,51 +16,71 @@ from pathlib import Path
 
 import numpy as np
 
+from facepipe.eval.metrics import CLEAN_MAX, HEAVY_MIN
 from facepipe.eval.plots import figure, save_png, set_labels
 from facepipe.fsutil import write_json_atomic
 
-DEGRADATION_BINS = (("clean (<0.3)", 0.0, 0.3), ("mid (0.3-0.7)", 0.3, 0.7), ("degraded (>0.7)", 0.7, 1.0))
+DEGRADATION_BINS = (
+    (f"clean (<{CLEAN_MAX:g})", 0.0, CLEAN_MAX),
+    (f"mid ({CLEAN_MAX:g}-{HEAVY_MIN:g})", CLEAN_MAX, HEAVY_MIN),
+    (f"degraded (>{HEAVY_MIN:g})", HEAVY_MIN, 1.0),
+)
 UNCERTAINTY_LABELS = {"sigma_sq": "σ² (larger = less certain)", "inv_kappa": "1/κ (larger = less certain)"}
+
+
+def log_curves(
+    ax, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], log_y: bool, **style
+) -> tuple[float, float]:
+    """Draw ``curves[name] = (x, y)`` on a log x axis (and log y with ``log_y``), leaving off the points a
+    log axis cannot show (zeros); returns the smallest positive x and y drawn (1.0 when none)."""
+    lo_x, lo_y = 1.0, 1.0
+    for name, (x, y) in curves.items():
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        ok = (x > 0) & (y > 0) if log_y else x > 0
+        if ok.any():
+            lo_x, lo_y = min(lo_x, float(x[ok].min())), min(lo_y, float(y[ok].min()))
+        ax.plot(np.where(ok, x, np.nan), np.where(ok, y, np.nan) if log_y else y, lw=1.5, label=name, **style)
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    return lo_x, lo_y
+
+
+# (x label, y label, default title, legend place) of the two views of one ROC
+ROC_AXES = ("False accept rate (FAR, log scale)", "True accept rate (TAR)", "ROC", "lower right")
+DET_AXES = (
+    "False match rate (FMR, log scale)",
+    "False non-match rate (FNMR, log scale)",
+    "DET",
+    "upper right",
+)
 
 
 def plot_roc(
     curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = ""
 ) -> Path:
     """TAR vs FAR, log FAR axis from the smallest non-zero FAR (at least 1e-6) to 1."""
-    plt, fig, ax = figure()
-    lo = 1.0
-    for name, (fpr, tpr) in curves.items():
-        fpr, tpr = np.asarray(fpr), np.asarray(tpr)
-        nz = fpr > 0
-        if nz.any():
-            lo = min(lo, float(fpr[nz].min()))
-        ax.plot(np.where(nz, fpr, np.nan), tpr, lw=1.5, label=name)
-    ax.set_xscale("log")
-    ax.set_xlim(min(max(lo, 1e-6), 0.1), 1.0)
-    ax.set_ylim(0.0, 1.01)
-    far, tar = "False accept rate (FAR, log scale)", "True accept rate (TAR)"
-    set_labels(ax, far, tar, title or "ROC", "lower right")
-    return save_png(plt, fig, Path(path))
+    return _plot_roc_view(curves, path, title, det=False)
 
 
 def plot_det(
     curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = ""
 ) -> Path:
-    """FNMR vs FMR on log-log axes."""
+    """FNMR vs FMR on log-log axes (``curves[name] = (fpr, tpr)``)."""
+    return _plot_roc_view(curves, path, title, det=True)
+
+
+def _plot_roc_view(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str, det: bool
+) -> Path:
     plt, fig, ax = figure()
-    lo_x, lo_y = 1.0, 1.0
-    for name, (fpr, tpr) in curves.items():
-        fpr, fnr = np.asarray(fpr), 1.0 - np.asarray(tpr)
-        ok = (fpr > 0) & (fnr > 0)
-        if ok.any():
-            lo_x, lo_y = min(lo_x, float(fpr[ok].min())), min(lo_y, float(fnr[ok].min()))
-        ax.plot(np.where(ok, fpr, np.nan), np.where(ok, fnr, np.nan), lw=1.5, label=name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    if det:
+        curves = {name: (fpr, 1.0 - np.asarray(tpr)) for name, (fpr, tpr) in curves.items()}
+    lo_x, lo_y = log_curves(ax, curves, log_y=det)
     ax.set_xlim(min(max(lo_x, 1e-6), 0.1), 1.0)
-    ax.set_ylim(min(max(lo_y, 1e-4), 0.1), 1.0)
-    fmr, fnmr = "False match rate (FMR, log scale)", "False non-match rate (FNMR, log scale)"
-    set_labels(ax, fmr, fnmr, title or "DET", "upper right")
+    ax.set_ylim(*((min(max(lo_y, 1e-4), 0.1), 1.0) if det else (0.0, 1.01)))
+    x_label, y_label, default, legend = DET_AXES if det else ROC_AXES
+    set_labels(ax, x_label, y_label, title or default, legend)
     return save_png(plt, fig, Path(path))
 
 
@@ -99,11 +119,7 @@ def plot_uncertainty_hist(
         groups = [("all images", np.ones(u.shape[0], dtype=bool))]
     else:
         d = np.asarray(degradation, dtype=np.float64).reshape(-1)
-        groups = [
-            (DEGRADATION_BINS[0][0], d < 0.3),
-            (DEGRADATION_BINS[1][0], (d >= 0.3) & (d <= 0.7)),
-            (DEGRADATION_BINS[2][0], d > 0.7),
-        ]
+        groups = [(label, mask) for (label, _, _), mask in zip(DEGRADATION_BINS, _bins(d), strict=True)]
     for name, mask in groups:
         if mask.any():
             ax.hist(
@@ -262,7 +278,12 @@ def evaluate_pair_features(
     return metrics, paths
 
 
+def _bins(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image masks of the three degradation bins: clean, mid, degraded."""
+    return d < CLEAN_MAX, (d >= CLEAN_MAX) & (d <= HEAVY_MIN), d > HEAVY_MIN
+
+
 def _by_degradation(u: np.ndarray, degradation: np.ndarray) -> dict:
-    d = np.asarray(degradation, dtype=np.float64).reshape(-1)
-    masks = {"clean": d < 0.3, "mid": (d >= 0.3) & (d <= 0.7), "degraded": d > 0.7}
+    bins = _bins(np.asarray(degradation, np.float64).reshape(-1))
+    masks = dict(zip(("clean", "mid", "degraded"), bins, strict=True))
     return {k: {"n": int(m.sum()), "mean": float(u[m].mean()) if m.any() else None} for k, m in masks.items()}

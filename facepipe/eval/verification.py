@@ -248,27 +248,23 @@ def squared_l2_pairs(emb: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class VerificationResult:
-    accuracy: float
-    std: float
-    fold_accuracy: np.ndarray
-    fold_threshold: np.ndarray
-    tpr: np.ndarray
-    fpr: np.ndarray
-    thresholds: np.ndarray
-    val: float
-    val_std: float
-    far: float
+class VerificationResult(KFoldResult):
+    """The InsightFace protocol's outcome: its k-fold accuracy run on the distance, plus VAL@FAR."""
+
+    val: float = 0.0
+    val_std: float = 0.0
+    far: float = 0.0
     xnorm: float | None = None
     distance: np.ndarray | None = None  # per pair, the squared L2 the protocol thresholds
 
     def metrics(self) -> dict:
         """Scalars (and per-fold lists) for a JSON report."""
-        out = {
-            k: (v.tolist() if isinstance(v, np.ndarray) else v)
+        out = {"accuracy": self.accuracy, "std": self.std}
+        out.update(
+            (k, v.tolist() if isinstance(v, np.ndarray) else v)
             for k, v in asdict(self).items()
             if k not in ("tpr", "fpr", "thresholds", "distance")
-        }
+        )
         return out
 
 
@@ -299,20 +295,7 @@ def evaluate_embeddings(
     dist = squared_l2_pairs(fused)
     roc = kfold_accuracy_grid(dist, issame, INSIGHTFACE_THRESHOLDS, "<", n_folds)
     val, val_std, far = val_at_far(dist, issame, far_target, INSIGHTFACE_VAL_THRESHOLDS, "<", n_folds)
-    return VerificationResult(
-        accuracy=roc.accuracy,
-        std=roc.std,
-        fold_accuracy=roc.fold_accuracy,
-        fold_threshold=roc.fold_threshold,
-        tpr=roc.tpr,
-        fpr=roc.fpr,
-        thresholds=roc.thresholds,
-        val=val,
-        val_std=val_std,
-        far=far,
-        xnorm=xnorm,
-        distance=dist,
-    )
+    return VerificationResult(**vars(roc), val=val, val_std=val_std, far=far, xnorm=xnorm, distance=dist)
 
 
 # ---------------------------------------------------------------------------------------------

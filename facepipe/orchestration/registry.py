@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Any
 
+from facepipe.eval.metrics import best_of, mean_over_tables
 from facepipe.orchestration.settings import absolute_tracking_uri
 
 __all__ = ["benchmark_score", "choose_champion", "mlflow_runs_since", "model_version", "run_url"]
@@ -93,34 +93,29 @@ def model_version(
 
 def benchmark_score(metrics: dict[str, Any], metric: str) -> float | None:
     """`metric` of one benchmark report (`metrics.json`: one section per pair table), averaged over the
-    pair tables that report it; None when none does."""
-    values = [
-        float(section[metric])
-        for section in metrics.values()
-        if isinstance(section, dict) and isinstance(section.get(metric), int | float)
-    ]
-    values = [v for v in values if math.isfinite(v)]
-    return sum(values) / len(values) if values else None
+    pair tables that report it; None when none does (the training stages average the same way)."""
+    return mean_over_tables(metrics.values(), metric)
 
 
 def choose_champion(
     tracking_uri: str, workdir: str, name: str, scores: dict[str, float | None], metric: str
 ) -> dict[str, Any]:
-    """Give `champion` to the version of `name` with the best benchmark score (higher is better; ties keep
-    the current champion, then the newest). Scores of one benchmark run only: every version was scored by
-    the same evaluation on the same data, which the training stage's own numbers are not."""
-    scored = {version: s for version, s in scores.items() if s is not None}
-    if not scored:
+    """Give `champion` to the version of `name` with the best benchmark score on `metric` (higher or lower
+    is better as `facepipe.eval.metrics` says; ties keep the current champion, then the newest). Scores of
+    one benchmark run only: every version was scored by the same evaluation on the same data, which the
+    training stage's own numbers are not."""
+    tied = best_of(metric, scores)
+    if not tied:
         return {"name": name, "champion": None, "moved": False, "metric": metric, "scores": scores}
     mlc = _client(absolute_tracking_uri(tracking_uri, workdir))
     current = None
     with contextlib.suppress(Exception):
         current = str(mlc.get_model_version_by_alias(name, CHAMPION).version)
-    best = max(scored, key=lambda v: (scored[v], v == current, int(v)))
+    best = current if current in tied else max(tied, key=int)
     moved = best != current
     if moved:
         mlc.set_registered_model_alias(name, CHAMPION, best)
-        mlc.set_model_version_tag(name, best, f"benchmark.{metric}", str(scored[best]))
-        log.info("%s: champion -> version %s (%s %.4f; was %s)", name, best, metric, scored[best], current)
+        mlc.set_model_version_tag(name, best, f"benchmark.{metric}", str(scores[best]))
+        log.info("%s: champion -> version %s (%s %.4f; was %s)", name, best, metric, scores[best], current)
     return {"name": name, "champion": best, "previous": current, "moved": moved, "metric": metric,
             "scores": scores}  # fmt: skip

@@ -7,12 +7,15 @@ or repeated flow never redoes finished work.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from facepipe.data.dataset import Dataset
+from facepipe.errors import DataError
 from facepipe.fsutil import write_json_atomic
 
 __all__ = [
@@ -32,17 +35,20 @@ LOG_DIR = ".facepipe/logs"
 
 
 def path_state(path: str | os.PathLike) -> Any:
-    """A cheap, content-sensitive description of an input: DVC md5, manifest hash, or file listing.
+    """A cheap, content-sensitive description of an input: DVC md5, dataset fingerprint, or file listing.
 
-    Stage outputs carry a manifest (decode/align) or are DVC-tracked (the raw dataset), which pins
-    their content without re-reading gigabytes; otherwise sizes and modification times stand in.
+    Stage outputs carry a manifest (decode/align: its `Dataset.fingerprint`, from the shard hashes) or
+    are DVC-tracked (the raw dataset), which pins their content without re-reading gigabytes; otherwise
+    sizes and modification times stand in.
     """
     p = Path(path)
     dvc_file = p.with_name(p.name + ".dvc")
     if dvc_file.is_file():
         return {"dvc": hashlib.sha256(dvc_file.read_bytes()).hexdigest()}
-    if (p / "manifest.json").is_file():
-        return {"manifest": hashlib.sha256((p / "manifest.json").read_bytes()).hexdigest()}
+    dataset = Dataset.at(p)
+    if dataset.has_manifest():
+        with contextlib.suppress(DataError):  # an unreadable manifest: the listing below stands in
+            return {"manifest": dataset.fingerprint}
     if p.is_file():
         st = p.stat()
         return {"file": [st.st_size, st.st_mtime_ns]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -43,8 +44,15 @@ def start_mlflow_server(
     port: int | None = None,
     log_path: str | os.PathLike | None = None,
     timeout_s: float = 180.0,
+    auth: bool = False,
 ) -> ServiceHandle:
-    """An MLflow tracking server (UI + REST + artifact proxy) over `backend_uri`. info: url."""
+    """An MLflow tracking server (UI + REST + artifact proxy) over `backend_uri`. info: url.
+
+    With `auth`, MLflow's basic-auth app: a request without a known user and password is refused
+    (401). Its admin is the user MLflow clients already name, `MLFLOW_TRACKING_USERNAME` /
+    `MLFLOW_TRACKING_PASSWORD`, so the password reaches the server through its environment only
+    (never a file); the user store is a SQLite file beside the artefacts.
+    """
     port = port or free_port(host)
     artifacts = Path(artifacts_dir).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -52,16 +60,42 @@ def start_mlflow_server(
         _bin("mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1",
         "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
     ]  # fmt: skip
-    handle = _spawn(
-        f"mlflow server {host}:{port}",
-        cmd,
-        dict(os.environ),
-        Path(log_path or artifacts.parent / "mlflow.log"),
-    )
+    env = dict(os.environ)
+    if auth:
+        cmd += ["--app-name", "basic-auth"]
+        env |= _basic_auth_env(artifacts.parent)
+    log = Path(log_path or artifacts.parent / "mlflow.log")
+    handle = _spawn(f"mlflow server {host}:{port}", cmd, env, log)
     url = f"http://{host}:{port}"
-    handle.info.update(url=url, tracking_uri=url)
+    handle.info.update(url=url, tracking_uri=url, auth=auth)
     _wait_until(handle, lambda: http_ok(f"{url}/health"), timeout_s, "healthy server")
     return handle
+
+
+def _basic_auth_env(root: Path) -> dict[str, str]:
+    """The basic-auth app's settings file (no secret in it) and the variables that carry the rest."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if not user or not password:
+        raise FacepipeError(
+            "an MLflow server with auth needs its admin user: set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (the variables MLflow clients send)"
+        )
+    config = root / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
+        f"admin_username = {user}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "grant_default_workspace_access = false\n"
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        # signs the UI's forms (CSRF); one server, so a key of its own per start is enough
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
+        or secrets.token_hex(16),
+    }
 
 
 # ------------------------------------------------------------------------------------------------- DVC

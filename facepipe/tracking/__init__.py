@@ -4,8 +4,10 @@ The driver opens a run (params, config, data and code version tags) and hands it
 rank-0 worker, which logs per-step and per-epoch metrics into it through `MetricLogger`. At the end the
 driver logs the plots and the trained model as a pyfunc (explicit signature and pip requirements, so
 nothing is inferred: inference costs ~14 s and guesses), registers it, gives the new version the
-alias `challenger`, and moves `champion` to it when it beats the current champion on
-`tracking.champion_metric` (higher is better).
+alias `challenger`, and moves `champion` to it when it beats the current champion on the model's
+champion metric (`champion_metric`: `tracking.champion_metric` for backbones, verification accuracy,
+higher is better; `tracking.head_champion_metric` for uncertainty heads, EDC pAUC, lower is better;
+names and directions in `facepipe.eval.metrics`).
 
 A registered model holds a backbone bundle (see `facepipe.models.bundle`) and, for the uncertainty
 stages, the head's weights: `models:/<name>@champion` loads back as a pyfunc returning the same
@@ -30,6 +32,7 @@ from facepipe.tracking.runs import (
     CHAMPION,
     METRIC_TAG,
     MetricLogger,
+    champion_metric,
     client,
     data_version,
     dvc_md5,
@@ -48,6 +51,7 @@ __all__ = [
     "CHAMPION",
     "BACKBONE_MODEL",
     "METRIC_TAG",
+    "champion_metric",
     "model_name",
     "model_names",
     "git_commit",

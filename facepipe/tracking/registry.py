@@ -12,8 +12,9 @@ import yaml
 
 from facepipe.config import TrackingConfig
 from facepipe.errors import FacepipeError
+from facepipe.eval.metrics import is_better
 from facepipe.models.bundle import find_bundle, read_bundle_info
-from facepipe.tracking.runs import CHALLENGER, CHAMPION, METRIC_TAG, client, model_name
+from facepipe.tracking.runs import CHALLENGER, CHAMPION, METRIC_TAG, champion_metric, client, model_name
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def log_and_register(
             await_registration_for=60,
         )
     version = str(model_info.registered_model_version)
-    metric_name = tracking.champion_metric
+    metric_name = champion_metric(tracking, stage)
     value = metrics.get(metric_name)
     for key, val in metrics.items():
         if isinstance(val, int | float):
@@ -119,6 +120,7 @@ def log_and_register(
         "uri": f"models:/{name}/{version}",
         "champion": champion,
         "metric": value,
+        "metric_name": metric_name,
     }
 
 
@@ -141,10 +143,12 @@ def operating_point_tags(uri: str, tracking: TrackingConfig) -> dict[str, str]:
 
 
 def promote(tracking: TrackingConfig, name: str, version: str, value: float | None) -> bool:
-    """Give `version` the alias `challenger`; also `champion` if it beats the champion's metric."""
+    """Give `version` the alias `challenger`; also `champion` if it beats the champion on the model's
+    champion metric (`champion_metric`: higher or lower is better as `facepipe.eval.metrics` says)."""
     from mlflow.exceptions import MlflowException
 
     mlc = client(tracking)
+    metric_name = champion_metric(tracking, name)
     mlc.set_registered_model_alias(name, CHALLENGER, version)
     try:
         current = mlc.get_model_version_by_alias(name, CHAMPION)
@@ -152,19 +156,12 @@ def promote(tracking: TrackingConfig, name: str, version: str, value: float | No
         current = None
     best = None
     if current is not None:
-        raw = current.tags.get(METRIC_TAG + tracking.champion_metric)
+        raw = current.tags.get(METRIC_TAG + metric_name)
         best = float(raw) if raw is not None else None
-    wins = current is None or (value is not None and (best is None or value > best))
+    wins = current is None or is_better(metric_name, value, best)
     if wins:
         mlc.set_registered_model_alias(name, CHAMPION, version)
-        log.info(
-            "%s version %s is the new champion (%s=%s, was %s)",
-            name,
-            version,
-            tracking.champion_metric,
-            value,
-            best,
-        )
+        log.info("%s version %s is the new champion (%s=%s, was %s)", name, version, metric_name, value, best)
     return wins
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -17,7 +16,6 @@ import yaml
 from facepipe import storage
 from facepipe.config import Config, TrackingConfig, dump_config, flatten
 from facepipe.errors import FacepipeError
-from facepipe.fsutil import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +32,20 @@ def model_name(stage: str) -> str:
     if stage not in names:
         raise FacepipeError(f"unknown stage {stage!r}; known: {sorted(names)}")
     return names[stage]
+
+
+def champion_metric(tracking: TrackingConfig, model: str) -> str:
+    """The metric that decides `champion` for `model` (a stage, `backbone` or a method, or a registered
+    model name): `tracking.champion_metric` for backbones, `tracking.head_champion_metric` for heads.
+    The key and its direction are those of `facepipe.eval.metrics` (see there why heads use EDC pAUC)."""
+    from facepipe.eval.metrics import metric
+
+    key = tracking.champion_metric if model in ("backbone", BACKBONE_MODEL) else tracking.head_champion_metric
+    try:
+        metric(key)
+    except ValueError as err:
+        raise FacepipeError(f"tracking: {err}") from None
+    return key
 
 
 def model_names() -> dict[str, str]:
@@ -82,16 +94,17 @@ def dvc_md5(path: str | os.PathLike) -> str | None:
 
 
 def data_version(shards_dir: str | os.PathLike) -> dict[str, str]:
-    """Tags that pin the training data: the manifest's sha256 and the DVC md5 when DVC tracks it."""
+    """Tags that pin the training data: the manifest's sha256, the dataset's content fingerprint
+    (`Dataset.fingerprint`: its shards and pair tables) and the DVC md5 when DVC tracks it."""
+    from facepipe.data.dataset import Dataset
+
     tags: dict[str, str] = {"data.path": str(shards_dir)}
-    if storage.is_remote(shards_dir):  # object storage: the manifest's digest; DVC pins local outputs
-        with contextlib.suppress(FileNotFoundError):
-            blob = storage.read_bytes(storage.join(shards_dir, "manifest.json"))
-            tags["data.manifest_sha256"] = hashlib.sha256(blob).hexdigest()
+    dataset = Dataset.at(shards_dir)
+    if dataset.has_manifest():
+        tags["data.manifest_sha256"] = hashlib.sha256(storage.read_bytes(dataset.manifest_path)).hexdigest()
+        tags["data.fingerprint"] = dataset.fingerprint
+    if storage.is_remote(shards_dir):  # DVC pins local outputs only
         return tags
-    manifest = Path(shards_dir) / "manifest.json"
-    if manifest.is_file():
-        tags["data.manifest_sha256"] = sha256_file(manifest)
     md5 = dvc_md5(shards_dir)
     if md5:
         tags["data.dvc_md5"] = md5

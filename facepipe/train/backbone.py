@@ -183,7 +183,7 @@ class BackboneLoop(StageLoop):
             self.input_size,
             self.data.color_order,
             self.config.eval.folds,
-            self.cfg.get("raw_dir"),
+            clean_accuracy=True,
             flip=self.settings.verify_flip,
             rank=self.rank,
             world=self.world,
@@ -218,7 +218,7 @@ class BackboneStage(StageDriver):
         return BackboneLoop.entry
 
     def stage_config(self) -> dict[str, Any]:
-        return {"data": self.data.to_dict(), "raw_dir": str(Path(self.config.paths.raw).resolve())}
+        return {"data": self.data.to_dict()}
 
     def evaluate(self, outcome: TrainOutcome, run_id: str | None) -> StageResult:
         # the loop verified the final model; its metrics arrive with the final checkpoint

@@ -17,6 +17,7 @@ import numpy as np
 
 from facepipe import storage
 from facepipe.config import Config
+from facepipe.data.dataset import Dataset
 from facepipe.data.loader import decode_rows
 from facepipe.fsutil import sha256_file
 from facepipe.models.bundle import BACKBONE_FILE, load_bundle
@@ -75,8 +76,8 @@ def backbone_fingerprint(bundle_dir: Path, shards_dir: str) -> str:
     """Identity of (backbone weights, training data): the key of the feature cache."""
     digest = hashlib.sha256()
     digest.update(sha256_file(bundle_dir / BACKBONE_FILE).encode())
-    manifest = Path(shards_dir) / "manifest.json"
-    digest.update(sha256_file(manifest).encode() if manifest.is_file() else str(shards_dir).encode())
+    dataset = Dataset.at(shards_dir)  # local or at a URI: the data's own fingerprint
+    digest.update(dataset.fingerprint.encode() if dataset.has_manifest() else str(shards_dir).encode())
     return digest.hexdigest()
 
 

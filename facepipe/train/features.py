@@ -21,7 +21,10 @@ from typing import Any
 import numpy as np
 
 from facepipe import storage
-from facepipe.data.shards import pair_tables
+from facepipe.data.dataset import Dataset
+from facepipe.eval import metrics as M
+from facepipe.eval.features import PairFeatures
+from facepipe.eval.pairs import degradation_metrics
 from facepipe.eval.verification import evaluate_embeddings
 from facepipe.fsutil import atomic_path, clean_stale_temps, write_json_atomic
 from facepipe.models.embed import decode_images_of, embed_images, embed_pair_table
@@ -30,23 +33,6 @@ from facepipe.progress import progress
 log = logging.getLogger(__name__)
 
 CACHE_META = "features.json"
-CLEAN_MAX = 0.3  # a "clean" pair: both images' generated degradation below this
-
-
-def pair_degradation(raw_dir: str | os.PathLike | None, name: str, pairs: int) -> np.ndarray | None:
-    """(pairs, 2) degradation levels of a generated pair set, or None when there is no sidecar."""
-    if raw_dir is None:
-        return None
-    sidecar = Path(raw_dir) / f"{name}.degradation.parquet"
-    if not sidecar.is_file():
-        return None
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(sidecar, columns=["degradation_a", "degradation_b"])
-    if table.num_rows != pairs:
-        log.warning("%s has %d rows for %d pairs; ignored", sidecar, table.num_rows, pairs)
-        return None
-    return np.stack([table.column(c).to_numpy() for c in ("degradation_a", "degradation_b")], axis=1)
 
 
 def verify_pairs(
@@ -55,15 +41,17 @@ def verify_pairs(
     input_size: tuple[int, int],
     color_order: str,
     folds: int = 10,
-    raw_dir: str | os.PathLike | None = None,
+    clean_accuracy: bool = False,
     flip: bool = True,
     rank: int = 0,
     world: int = 1,
 ) -> dict[str, float]:
     """10-fold accuracy (and std) on every pair table of the dataset, plus their mean as `accuracy`.
 
-    Where the generator's per-pair sidecar `<raw_dir>/<name>.degradation.parquet` exists, also the
-    10-fold accuracy over the clean pairs alone (both images' degradation < 0.3).
+    With `clean_accuracy`, where a pair table carries its images' degradation (generated data: decode
+    copies it from the generator's sidecar), also the degradation bands `facepipe evaluate` reports
+    (`facepipe.eval.pairs.degradation_metrics`: clean, degraded, heavily degraded accuracy and counts),
+    under the same names.
 
     `rank`/`world` split the tables between training workers (table i goes to rank i mod world): each
     returns its own tables' metrics, and `accuracy` is the mean over those (`merge_verification` joins
@@ -71,26 +59,22 @@ def verify_pairs(
     """
     metrics: dict[str, float] = {}
     accs = []
-    for i, (name, path) in enumerate(pair_tables(shards_dir).items()):
+    dataset = Dataset.at(shards_dir)
+    for i, (name, path) in enumerate(dataset.pair_tables.items()):
         if i % world != rank:
             continue
         out = embed_pair_table(backbone, path, input_size, color_order, flip=flip)
         result = evaluate_embeddings(out["embedding"], out["issame"], out["flipped"], n_folds=folds)
-        metrics[f"val/{name}/accuracy"] = float(result.accuracy)
-        metrics[f"val/{name}/std"] = float(result.std)
+        metrics[M.table_key(name, M.ACCURACY)] = float(result.accuracy)
+        metrics[M.table_key(name, M.STD)] = float(result.std)
         accs.append(float(result.accuracy))
-        degradation = pair_degradation(raw_dir, name, len(out["issame"]))
-        if degradation is not None:
-            clean = np.flatnonzero(degradation.max(axis=1) < CLEAN_MAX)
-            rows = np.stack([2 * clean, 2 * clean + 1], axis=1).reshape(-1)
-            if len(clean) >= 2 * folds:
-                flipped = out["flipped"][rows] if out["flipped"] is not None else None
-                sub = evaluate_embeddings(
-                    out["embedding"][rows], out["issame"][clean], flipped, n_folds=folds
-                )
-                metrics[f"val/{name}/clean_accuracy"] = float(sub.accuracy)
+        degradation = dataset.pair_degradation(name) if clean_accuracy else None
+        if degradation is not None:  # the evaluation's own bands (clean, degraded, heavily degraded)
+            features = PairFeatures(out["embedding"], out["issame"], out["flipped"], degradation=degradation)
+            bands = degradation_metrics(features, folds)
+            metrics.update({M.table_key(name, k): float(v) for k, v in bands.items()})
     if accs:
-        metrics["accuracy"] = float(np.mean(accs))
+        metrics[M.ACCURACY] = float(np.mean(accs))
     return metrics
 
 
@@ -98,10 +82,10 @@ def merge_verification(parts: list[dict[str, float]]) -> dict[str, float]:
     """Join the per-rank results of `verify_pairs(rank=..., world=...)`: `accuracy` over all tables."""
     merged: dict[str, float] = {}
     for part in parts:
-        merged.update({k: v for k, v in part.items() if k != "accuracy"})
-    accs = [v for k, v in merged.items() if k.startswith("val/") and k.endswith("/accuracy")]
+        merged.update({k: v for k, v in part.items() if k != M.ACCURACY})
+    accs = [v for k, v in merged.items() if k.startswith("val/") and k.endswith(f"/{M.ACCURACY}")]
     if accs:
-        merged["accuracy"] = float(np.mean(accs))
+        merged[M.ACCURACY] = float(np.mean(accs))
     return merged
 
 

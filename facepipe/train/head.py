@@ -157,17 +157,14 @@ class HeadStage(StageDriver):
 
         head_dir = Path(outcome.checkpoint_path) / "head"
         backbone, info, _ = load_bundle(self.bundle_dir)
-        size, colour = tuple(info.input_size), info.color_order
-        rates = self.config.eval.rejection_rates
+        report = Path(outcome.run_path) / "evaluation"  # the files `facepipe evaluate --model` writes
         metrics = evaluate_head(
-            backbone,
+            (backbone, info),
             load_head(head_dir),
-            self.spec,
+            self.spec.name,
             self.data.shards_dir,
-            size,
-            colour,
-            rates,
-            self.config.paths.raw,
+            self.config.eval,
+            report,
         )
         metrics["epoch_seconds"] = float(outcome.metrics.get("epoch_seconds", 0.0))
         extra = {"head_dir": str(head_dir), "cache_dir": self.features.cache_dir}

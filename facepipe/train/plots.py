@@ -10,7 +10,7 @@ from typing import Any
 
 from facepipe import tracking
 from facepipe.config import Config
-from facepipe.data.shards import pair_tables
+from facepipe.data.dataset import Dataset
 from facepipe.eval.verification import evaluate_embeddings
 from facepipe.models.bundle import load_bundle
 from facepipe.models.embed import embed_pair_table
@@ -54,7 +54,7 @@ def roc_plot(bundle: Path, data: DataInfo, out_dir: Path, title: str = "Verifica
     """ROC of the bundle's flip-fused embeddings on every pair table, one curve each."""
     import numpy as np
 
-    tables = pair_tables(data.shards_dir)
+    tables = Dataset.at(data.shards_dir).pair_tables
     if not tables:
         return []
     backbone, info, _ = load_bundle(bundle)

@@ -17,8 +17,9 @@ from typing import Any
 from facepipe import tracking
 from facepipe.config import Config
 from facepipe.config import ScalingConfig as ScalingSection
-from facepipe.data.shards import list_shards, read_manifest
+from facepipe.data.dataset import Dataset
 from facepipe.errors import FacepipeError
+from facepipe.eval.metrics import ACCURACY
 from facepipe.progress import summary
 from facepipe.storage import is_remote
 from facepipe.train.ray_job import TrainOutcome, launch_stage
@@ -38,20 +39,14 @@ class DataInfo:
 
 def resolve_data(shards_dir: str | os.PathLike) -> DataInfo:
     """Shards, class count and colour order of a decoded dataset (from its manifest), local or at a URI."""
-    shards_dir = shards_dir if is_remote(shards_dir) else Path(shards_dir).resolve()
-    manifest = read_manifest(shards_dir)
-    shards = [str(p) for p in list_shards(shards_dir)]
+    dataset = Dataset.open(shards_dir if is_remote(shards_dir) else Path(shards_dir).resolve())
+    shards = [str(p) for p in dataset.training_shards]
     if not shards:
-        raise FacepipeError(f"no training shards under {shards_dir} (run `facepipe decode` first)")
-    num_classes = int(manifest.get("num_classes") or 0)
-    if num_classes <= 0:
-        raise FacepipeError(f"manifest of {shards_dir} has no class count")
+        raise FacepipeError(f"no training shards under {dataset.location} (run `facepipe decode` first)")
+    if dataset.num_classes <= 0:
+        raise FacepipeError(f"manifest of {dataset.location} has no class count")
     return DataInfo(
-        str(shards_dir),
-        shards,
-        num_classes,
-        manifest.get("color_order", "RGB"),
-        int(manifest.get("num_images", 0)),
+        str(dataset.location), shards, dataset.num_classes, dataset.color_order, dataset.num_images
     )
 
 
@@ -74,7 +69,7 @@ def print_stage_summary(
         "run": name,
         "mlflow run": result.run_id,
         output_label: output,
-        "accuracy": result.metrics.get("accuracy"),
+        ACCURACY: result.metrics.get(ACCURACY),
         "model": f"{model['name']} v{model['version']}" if model else "not registered",
     }
     if seconds is not None:

@@ -147,14 +147,32 @@ def _spread_config(sample_dataset: Path, tmp_path: Path, address: str, bucket: s
 
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory):
+    """MLflow over HTTP with basic auth on: the driver and (forwarded by Ray) the workers log in with
+    the standard MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; a request without them is refused."""
+    import secrets
+    import urllib.error
+    import urllib.request
+
     from facepipe.services import start_mlflow_server
 
+    login = {"MLFLOW_TRACKING_USERNAME": "facepipe-ci", "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(12)}
+    saved = {k: os.environ.get(k) for k in login}
+    os.environ.update(login)
     root = tmp_path_factory.mktemp("mlflow-server")
-    server = start_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts")
+    server = start_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", auth=True)
     try:
-        yield server.info["url"]
+        url = server.info["url"]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")  # noqa: S310
+        assert refused.value.code == 401
+        yield url
     finally:
         server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def test_a_local_path_does_not_reach_the_other_node(
@@ -174,6 +192,33 @@ def test_a_local_path_does_not_reach_the_other_node(
     with pytest.raises(FacepipeError) as err:
         train_backbone(config, local, run_name="local-path", register=False)
     assert str(local) in str(err.value), str(err.value)
+
+
+def test_decode_and_align_refuse_a_source_the_other_node_cannot_see(
+    isolated_cluster,
+    sample_dataset,
+    s3_bucket,  # noqa: F811
+    tmp_path,
+):
+    """Decode and align over Ray check, before any task, that every node sees their local paths."""
+    from facepipe.data.align.job import run_align
+    from facepipe.data.decode.job import decode_dataset
+
+    source = sample_dataset / "raw"  # the driver's disk only
+    with pytest.raises(FacepipeError) as err:
+        decode_dataset([source], f"{s3_bucket}/decoded-local", ray_address=isolated_cluster.address)
+    assert str(source) in str(err.value) and "share no disk" in str(err.value), str(err.value)
+    assert not storage.exists(f"{s3_bucket}/decoded-local/manifest.json")
+
+    with pytest.raises(FacepipeError) as err:
+        run_align(
+            sample_dataset / "shards",
+            tmp_path / "aligned",
+            executor="ray",
+            ray_address=isolated_cluster.address,
+        )
+    assert str(sample_dataset / "shards") in str(err.value) and "share no disk" in str(err.value)
+    assert not list((tmp_path / "aligned" / "_work").glob(".facepipe-node-check-*"))
 
 
 def test_the_isolated_node_really_sees_other_folders(isolated_cluster, sample_dataset, tmp_path):

@@ -12,7 +12,8 @@ import torch
 from facepipe.cli import main
 from facepipe.data.shards import write_manifest, write_pair_table
 from facepipe.eval.features import PairFeatures
-from facepipe.eval.model_features import degradation_metrics, load_eval_model, pair_table_features
+from facepipe.eval.model_features import load_eval_model, pair_table_features
+from facepipe.eval.pairs import degradation_metrics
 
 SIZE = (32, 32)
 EMB = 32  # SCF's vMF normaliser needs an embedding of at least 22 dimensions
@@ -200,3 +201,46 @@ def test_newest_head_of_a_run_folder_is_used(tmp_path):
     (newer / "head").rename(root / "checkpoint_2" / "head")
     model = load_eval_model(str(root))
     assert model.method == "scf"
+
+
+def test_training_stage_and_evaluate_command_report_the_same_numbers(tmp_path, shards, monkeypatch):
+    """The head stage's end-of-stage evaluation, `evaluate --model` and `evaluate --features` on the same
+    model and pairs: the same keys and the same values (one evaluation path)."""
+    from facepipe.config import load_config
+    from facepipe.eval.features import save_features
+    from facepipe.eval.metrics import EDC_PAUC, stage_metrics, table_key
+    from facepipe.train.head_eval import evaluate_head
+
+    root, _ = shards
+    monkeypatch.chdir(tmp_path)  # no params.yaml: the defaults plus these overrides
+    overrides = ["eval.folds=5", "eval.batch_size=32", "eval.edc_fmr_targets=[0.1]"]
+    bundle = _bundle(tmp_path / "model", "probface")
+    model = load_eval_model(str(bundle))
+
+    trained = evaluate_head(
+        (model.backbone, model.info),
+        model.head,
+        "probface",
+        root,
+        load_config(None, overrides).eval,
+        tmp_path / "t",
+    )
+    out = tmp_path / "cli"
+    assert (
+        main(["evaluate", "--model", str(bundle), "--shards", str(root), "--out", str(out), *overrides]) == 0
+    )
+    summary = json.loads((out / "metrics.json").read_text())
+    assert trained == pytest.approx(stage_metrics(summary))
+    assert set(summary) == {"synth_val", "plain"} and EDC_PAUC in summary["synth_val"]
+    for table, headline in summary.items():
+        for key, value in headline.items():
+            assert trained[table_key(table, key)] == pytest.approx(value)
+
+    # the features file of the same pairs through `evaluate --features`: the same headline
+    f = pair_table_features(model, root / "pairs" / "synth_val.parquet", batch_images=32, show_progress=False)
+    arrays = {k: getattr(f, k) for k in ("embeddings", "flipped", "uncertainty", "degradation")}
+    feats = save_features(tmp_path / "f.npz", **arrays, kind=np.array(f.kind), method=np.array(f.method))
+    argv = ["evaluate", "--features", str(feats), "--pairs", str(root / "pairs" / "synth_val.parquet")]
+    assert main([*argv, "--folds", "5", "--out", str(tmp_path / "feat"), "eval.edc_fmr_targets=[0.1]"]) == 0
+    from_features = json.loads((tmp_path / "feat" / "metrics.json").read_text())["summary"]
+    assert from_features == pytest.approx(summary["synth_val"])

@@ -268,14 +268,13 @@ def test_path_state_prefers_dvc_then_manifest(tmp_path):
 
 
 def parses(argv: list[str]) -> bool:
-    """Whether facepipe's own parser accepts `argv` (argparse exits on an unknown flag)."""
-    from facepipe.cli import build_parser
+    """Whether facepipe's own command line accepts `argv` (argparse exits on an unknown flag)."""
+    from facepipe.cli import parse_line
 
     try:
-        build_parser().parse_args(argv)
+        return parse_line(argv)[1] is None
     except SystemExit:
         return False
-    return True
 
 
 def model_eval_available() -> bool:

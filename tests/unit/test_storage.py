@@ -3,6 +3,7 @@ and a decoded dataset on S3 read back exactly as from local disk."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -167,3 +168,72 @@ def test_decode_and_feature_cache_on_s3_read_back_like_local(s3_bucket, tmp_path
     assert len(cached_shards(there)) == len(uris) + 1
     cache_features(backbone, remote_shards, f"{s3_bucket}/cache", (32, 32), "RGB", "fp-2")  # rebuilt
     assert cache_info(there)["fingerprint"] == "fp-2" and len(cached_shards(there)) == len(uris)
+
+
+def test_align_to_s3_publishes_what_a_local_run_writes_and_a_rerun_does_nothing(
+    s3_bucket,  # noqa: F811
+    tmp_path,
+):
+    from facepipe.data.align.job import AlignSettings, run_align
+    from tests.unit.test_align import _make_folder
+
+    src, marks = _make_folder(tmp_path)
+    local = run_align(src, tmp_path / "local", AlignSettings(), landmarks_file=marks, chunk_size=5)
+    remote = run_align(src, f"{s3_bucket}/aligned", AlignSettings(), landmarks_file=marks, chunk_size=5)
+    assert remote["out"] == f"{s3_bucket}/aligned" and not remote["skipped"]
+    assert remote["published"]["uploaded"] >= 4 and remote["published"]["skipped"] == 0
+    for key in ("inputs", "aligned", "rejected", "classes", "shards"):
+        assert remote[key] == local[key], key
+    # the same files, byte for byte, with the manifest published last
+    names = sorted(p.relative_to(tmp_path / "local").as_posix() for p in (tmp_path / "local").rglob("*"))
+    files = [n for n in names if (tmp_path / "local" / n).is_file()]
+    fs, root = storage.resolve(f"{s3_bucket}/aligned")
+    listed = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    objects = [i.path[len(root) + 1 :] for i in listed if i.type == pafs.FileType.File]
+    assert sorted(o for o in objects if not o.startswith(".published/")) == files
+    for name in files:
+        want = (tmp_path / "local" / name).read_bytes()
+        if name != "manifest.json":  # the manifest records its own OUT and timings
+            assert storage.read_bytes(f"{s3_bucket}/aligned/{name}") == want, name
+    again = run_align(src, f"{s3_bucket}/aligned", AlignSettings(), landmarks_file=marks, chunk_size=5)
+    assert again["skipped"] and again["aligned"] == local["aligned"]
+    # another source against the published dataset is refused, as locally
+    (src / "bob" / "000.jpg").unlink()
+    with pytest.raises(Exception, match="already holds an aligned dataset"):
+        run_align(src, f"{s3_bucket}/aligned", AlignSettings(), landmarks_file=marks, chunk_size=5)
+
+
+def test_dvc_remote_on_s3_pushes_and_a_fresh_clone_pulls_the_same_files(
+    s3_bucket,  # noqa: F811
+    tmp_path,
+):
+    """The DVC remote on object storage: endpoint and keys from the standard AWS variables only."""
+    from facepipe.orchestration.dvc import dvc, version_folder
+
+    def git(*args: str, cwd: Path) -> None:
+        subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+    project = tmp_path / "project"
+    (project / "data" / "raw").mkdir(parents=True)
+    for i in range(3):
+        (project / "data" / "raw" / f"part-{i}.bin").write_bytes(np.random.default_rng(i).bytes(4096))
+    git("init", "-q", cwd=project)
+    git("config", "user.email", "t@example.com", cwd=project)
+    git("config", "user.name", "t", cwd=project)
+    dvc(["init", "-q"], project)
+    dvc(["remote", "add", "-d", "store", f"{s3_bucket}/dvc-store"], project)
+    recorded = version_folder(project, "data/raw")
+    assert recorded["nfiles"] == 3 and recorded["size"] == 3 * 4096
+    fs, root = storage.resolve(f"{s3_bucket}/dvc-store")
+    pushed = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    assert sum(i.type == pafs.FileType.File for i in pushed) == 4  # three files + the folder's listing
+
+    git("add", "-A", cwd=project)
+    git("commit", "-q", "-m", "data", cwd=project)
+    shutil.rmtree(project / ".dvc" / "cache")  # only the bucket holds the data now
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(project), str(clone), cwd=tmp_path)
+    dvc(["pull", "-q"], clone)
+    for i in range(3):
+        name = f"data/raw/part-{i}.bin"
+        assert (clone / name).read_bytes() == (project / name).read_bytes()

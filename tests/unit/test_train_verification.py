@@ -31,7 +31,7 @@ def _model():
 def test_split_between_ranks_equals_one_process(decoded):
     model = _model()
     assert len(pair_tables(decoded / "shards")) >= 2  # otherwise the split is not exercised
-    args = (model, decoded / "shards", (56, 56), "RGB", 10, decoded / "raw")
+    args = (model, decoded / "shards", (56, 56), "RGB", 10, True)
     whole = verify_pairs(*args, flip=False)
     parts = [verify_pairs(*args, flip=False, rank=r, world=2) for r in range(2)]
     assert all(parts) and set(parts[0]).isdisjoint(set(parts[1]) - {"accuracy"})

@@ -17,6 +17,7 @@ from facepipe.data.align.geometry import Template, get_template
 from facepipe.data.align.pairs import write_pairs
 from facepipe.data.align.plan import AlignSettings, ChunkTask, read_json
 from facepipe.data.align.worker import REJECT_REASONS, chunk_paths, rejects_schema
+from facepipe.data.dataset import LABELS_NAME, REJECTS_NAME, SHARD_PREFIX, Dataset
 from facepipe.fsutil import escape_name
 
 __all__ = ["merge_chunks"]
@@ -40,19 +41,20 @@ def merge_chunks(
     import pyarrow.parquet as pq
 
     from facepipe.data.shard_writer import ShardWriter
-    from facepipe.data.shards import iter_shard_batches, write_manifest
+    from facepipe.data.shards import iter_shard_batches
     from facepipe.fsutil import atomic_path, write_json_atomic
 
-    train_dir = out / "train"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(train_dir.glob("part-*.parquet")) + list(train_dir.glob(".part-*.tmp")):
-        stale.unlink()  # left by an interrupted finishing step; the chunks hold everything
+    dataset = Dataset.create(out)
+    train_dir = Path(dataset.train_dir)
+    for pattern in (f"{SHARD_PREFIX}-*.parquet", f".{SHARD_PREFIX}-*.tmp"):
+        for stale in list(train_dir.glob(pattern)):
+            stale.unlink()  # left by an interrupted finishing step; the chunks hold everything
     reasons: dict[str, int] = {}
     aligned = rejected = detected = 0
     max_label = -1
     with (
-        ShardWriter(train_dir, prefix="part", target_bytes=target_bytes) as writer,
-        atomic_path(out / "rejects.parquet") as rejects_tmp,
+        ShardWriter(train_dir, prefix=SHARD_PREFIX, target_bytes=target_bytes) as writer,
+        atomic_path(dataset.rejects_path) as rejects_tmp,
     ):
         with pq.ParquetWriter(rejects_tmp, rejects_schema()) as rejects_writer:
             for task in tasks:
@@ -79,7 +81,7 @@ def merge_chunks(
     else:
         num_classes = max(plan.get("num_classes") or 0, max_label + 1)
         labels = {str(label): label for label in range(num_classes)}
-    write_json_atomic(out / "labels.json", labels)
+    write_json_atomic(dataset.labels_path, labels)
 
     template = get_template(settings.template)
     counts = {
@@ -97,11 +99,11 @@ def merge_chunks(
     manifest = _manifest(plan, digest, settings, template, shards, counts)
     if plan["pairs"]:
         shard_paths = [out / s["path"] for s in shards]
-        manifest["pairs"] = [write_pairs(shard_paths, p["path"], out / "pairs") for p in plan["pairs"]]
+        manifest["pairs"] = [write_pairs(shard_paths, p["path"], dataset.pairs_dir) for p in plan["pairs"]]
     if contact_sheet and aligned:
         write_contact_sheet([out / s["path"] for s in shards], out / "contact_sheet.png", template=template)
         manifest["contact_sheet"] = "contact_sheet.png"
-    write_manifest(out, manifest)
+    dataset.write_manifest(manifest)
     shutil.rmtree(work, ignore_errors=True)  # the manifest now records completion
     return counts
 
@@ -123,9 +125,9 @@ def _manifest(
         "color_order": "RGB",  # standard JPEG/PNG: decoders yield RGB, cv2.imdecode BGR
         "shards": shards,
         "sources": [source],
-        "labels": "labels.json",
+        "labels": LABELS_NAME,
         "rejects": {
-            "path": "rejects.parquet",
+            "path": REJECTS_NAME,
             "rows": counts["rejected"],
             "reasons": counts["reasons"],
             "meaning": {reason: REJECT_REASONS.get(reason, "") for reason in counts["reasons"]},

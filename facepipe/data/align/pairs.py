@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from facepipe.data.dataset import pair_table_relpath
 from facepipe.data.formats.landmarks import normalise_key
 from facepipe.data.shards import iter_shard_batches, write_pair_table
 from facepipe.errors import DataError
@@ -64,7 +65,7 @@ def write_pairs(
     images = [crops[p] for a, b, _ in kept for p in (a, b)]
     name = Path(pairs_file).stem
     entry = write_pair_table(Path(out_dir) / f"{name}.parquet", images, [same for *_, same in kept])
-    entry["path"] = os.path.join("pairs", f"{name}.parquet")
+    entry["path"] = pair_table_relpath(name)
     entry["listed"] = len(pairs)
     entry["left_out"] = len(pairs) - len(kept)  # an image of the pair was rejected or is not in SRC
     return entry

@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from facepipe.data.dataset import MANIFEST_NAME, TRAIN_DIR
 from facepipe.data.formats.image_header import DEFAULT_MAX_PIXELS, HEADER_BYTES, image_format
 from facepipe.errors import DataError, FacepipeError
 from facepipe.fsutil import sha256_file
@@ -134,7 +135,7 @@ def find_input_shards(src: str | os.PathLike) -> list[Path]:
     src = Path(src)
     if src.is_file():
         return [src]
-    train = sorted((src / "train").glob("*.parquet")) if (src / "train").is_dir() else []
+    train = sorted((src / TRAIN_DIR).glob("*.parquet")) if (src / TRAIN_DIR).is_dir() else []
     return [p for p in train or sorted(src.glob("*.parquet")) if not p.name.startswith(".")]
 
 
@@ -156,7 +157,7 @@ def plan_job(
         "landmarks_sha256": hash_input(landmarks_file) if landmarks_file else None,
     }
     shards = find_input_shards(src)
-    decode_layout = (src / "train").is_dir() and any((src / "train").glob("*.parquet"))
+    decode_layout = (src / TRAIN_DIR).is_dir() and any((src / TRAIN_DIR).glob("*.parquet"))
     if src.is_file() or decode_layout or (shards and not _has_identity_folders(src)):
         plan.update(_plan_shards(src, shards, chunk_size))
     else:
@@ -243,7 +244,7 @@ def _plan_shards(src: Path, shards: list[Path], chunk_size: int) -> dict:
             chunks.append({"shard": rel, "row_groups": groups, "rows": rows})
             total += rows
     plan = {"kind": "shards", "base": os.fspath(base.resolve()), "chunks": chunks, "num_inputs": total}
-    manifest = base / "manifest.json"
+    manifest = base / MANIFEST_NAME
     if manifest.is_file():  # a decoded dataset: its class count holds even if a class loses every image
         plan["num_classes"] = int(read_json(manifest).get("num_classes") or 0) or None
     return plan

@@ -14,7 +14,8 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from facepipe.cluster import ray_session
+from facepipe import storage
+from facepipe.cluster import ray_session, require_shared_paths
 from facepipe.data.align.geometry import get_template
 from facepipe.data.align.merge import merge_chunks
 from facepipe.data.align.plan import (
@@ -28,6 +29,7 @@ from facepipe.data.align.plan import (
     read_json,
 )
 from facepipe.data.align.worker import align_chunk, chunk_paths
+from facepipe.data.shards import MANIFEST_NAME
 from facepipe.errors import FacepipeError
 from facepipe.fsutil import escape_name
 
@@ -61,6 +63,10 @@ def run_tasks(
     """
     if executor == "ray":
         with ray_session(ray_address, num_cpus=max(1, workers)):
+            # tasks read the source (and the detector model) and write chunk files where they run
+            inputs = {os.path.join(t.source, t.shard) for t in tasks}
+            inputs |= {t.settings.detector_model for t in tasks}
+            require_shared_paths(sorted(p for p in inputs if p), {t.work_dir for t in tasks})
             yield from _run_tasks_ray(tasks, workers)
         return
     if workers <= 1 or len(tasks) <= 1:
@@ -155,22 +161,63 @@ def run_align(
     `pairs_files`: verification pair lists (see `read_pairs_file`) turned into OUT/pairs/<name>.parquet
     tables of aligned crops, which training evaluates after each epoch.
 
+    OUT may be a URI (`s3://bucket/aligned`): the job runs in a local staging folder (kept after a
+    kill, so a rerun resumes there) and is published to OUT with the manifest last, so OUT holds a
+    manifest only once every shard is there; a rerun against a published OUT does nothing.
+
     Returns a summary dict. Raises FacepipeError for configuration problems (no detector model where
     one is needed, an unfinished job in OUT with other settings, ...); bad images never stop the run.
     """
+    options = dict(
+        landmarks_file=landmarks_file, workers=workers, chunk_size=chunk_size, target_bytes=target_bytes,
+        contact_sheet=contact_sheet, executor=executor, pairs_files=pairs_files, ray_address=ray_address,
+    )  # fmt: skip
+    if not storage.is_remote(out):
+        return _align_into(src, Path(out), settings, **options)
+    manifest = storage.join(out, MANIFEST_NAME)
+    try:  # an unreachable store or a missing bucket fails now, not after the whole job
+        published = storage.exists(manifest)
+    except OSError as err:
+        raise FacepipeError(f"cannot reach the output location {out}: {err}") from None
+    with storage.local_staging(out) as staging:
+        if published and not (staging / MANIFEST_NAME).is_file():
+            # the published manifest decides, as a local one would: same plan → nothing to do
+            (staging / MANIFEST_NAME).write_bytes(storage.read_bytes(manifest))
+        result = _align_into(src, staging, settings, **options)
+        if not result["skipped"]:
+            try:
+                result["published"] = storage.publish_tree(staging, out, MANIFEST_NAME)
+            except OSError as err:
+                raise FacepipeError(f"cannot publish the aligned dataset to {out}: {err}") from None
+    return {**result, "out": os.fspath(out)}
+
+
+def _align_into(
+    src: str | os.PathLike,
+    out: Path,
+    settings: AlignSettings | None,
+    landmarks_file: str | os.PathLike | None,
+    workers: int,
+    chunk_size: int,
+    target_bytes: int,
+    contact_sheet: bool,
+    executor: str,
+    pairs_files: Iterable[str | os.PathLike],
+    ray_address: str | None,
+) -> dict:
+    """`run_align` into a local folder."""
     from facepipe.data.formats.landmarks import load_landmarks
     from facepipe.fsutil import clean_stale_temps, write_json_atomic
     from facepipe.progress import progress
 
     started = time.monotonic()
-    out = Path(out)
     settings = _check_settings(src, out, settings or AlignSettings())
     work = out / "_work"
     plan = plan_job(src, settings, chunk_size, landmarks_file)
     plan["pairs"] = [{"path": os.fspath(Path(p).resolve()), "sha256": hash_input(p)} for p in pairs_files]
     digest = plan_digest(plan)
 
-    manifest_path = out / "manifest.json"
+    manifest_path = out / MANIFEST_NAME
     if manifest_path.is_file():
         previous = read_json(manifest_path)
         if previous.get("align", {}).get("plan_digest") == digest:

@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from facepipe.data.dataset import MANIFEST_NAME, Dataset
 from facepipe.data.decode.hashing import DEFAULT_SOURCE_HASH, check_source_hash
 from facepipe.data.decode.manifest import build_manifest, source_files, write_rejects
 from facepipe.data.decode.pairs import write_pairs
@@ -26,7 +27,7 @@ from facepipe.data.formats.image_header import DEFAULT_MAX_PIXELS
 from facepipe.data.formats.insightface import TrainingSet
 from facepipe.errors import DataError
 from facepipe.fsutil import clean_stale_temps
-from facepipe.storage import exists, is_remote, join, local_staging, publish_tree, remove
+from facepipe.storage import exists, is_remote, local_staging, publish_tree, remove
 
 __all__ = ["decode_dataset", "plan_ranges", "convert_range", "DONE_DIR", "Runner"]
 
@@ -65,7 +66,7 @@ def decode_dataset(
     after a kill, so a rerun resumes there) and published to OUT with the manifest last, so OUT has
     a manifest only once every shard and pair table is there.
     """
-    from facepipe.data.shards import DEFAULT_ROW_GROUP_BYTES, MANIFEST_NAME, write_manifest
+    from facepipe.data.shards import DEFAULT_ROW_GROUP_BYTES
 
     check_source_hash(source_hash)  # before any work, not in the hashing thread
     if color_order not in ("RGB", "BGR"):
@@ -81,13 +82,13 @@ def decode_dataset(
             source_hash=source_hash, max_pixels=max_pixels,
         )  # fmt: skip
         try:  # an unreachable store or a missing bucket fails now, not after the whole conversion
-            exists(join(out_dir, MANIFEST_NAME))
+            exists(Dataset.at(out_dir).manifest_path)
         except OSError as err:
             raise DataError(f"cannot reach the output location: {err}", str(out_dir)) from None
         if ray_address is not None and runner is None:
             # the tasks upload their shards themselves: the old manifest goes first
-            options["runner"] = ray_runner(ray_address, str(out_dir))
-            remove(join(out_dir, MANIFEST_NAME))
+            options["runner"] = ray_runner(ray_address, str(out_dir), sources)
+            remove(Dataset.at(out_dir).manifest_path)
         with local_staging(out_dir) as staging:
             manifest = decode_dataset(sources, staging, **options)
             try:
@@ -97,14 +98,15 @@ def decode_dataset(
         return manifest
 
     if ray_address is not None and runner is None:
-        runner = ray_runner(ray_address)
+        runner = ray_runner(ray_address, sources=sources, out_dir=out_dir)
     row_group_bytes = int(row_group_bytes or min(DEFAULT_ROW_GROUP_BYTES, target_bytes))
     if not 0 < row_group_bytes < 1 << 31:  # a row group's payloads are addressed with int32 offsets
         raise DataError(f"row-group size must be between 1 byte and 2 GiB, not {row_group_bytes}")
     out = Path(out_dir)
     srcs = [Path(s) for s in sources]
     ids = dataset_ids(srcs)
-    for directory in (out, out / "train", out / "pairs", out / DONE_DIR):
+    dataset = Dataset.create(out)
+    for directory in (out, dataset.train_dir, dataset.pairs_dir, out / DONE_DIR):
         directory.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(directory)
 
@@ -152,7 +154,7 @@ def decode_dataset(
             "source_hash": source_hash,
         },
     )
-    write_manifest(out, manifest)
+    dataset.write_manifest(manifest)
     manifest["_run"] = {  # about this run, not the data: not written to the manifest file
         "skipped_shards": sum(1 for r in results if r.get("skipped")),
         "source_hash_cache_hits": hasher.cache_hits,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from facepipe.data.dataset import REJECTS_NAME, Dataset
 from facepipe.data.formats.insightface import TrainingSet
 
 __all__ = ["build_manifest", "source_files", "write_rejects"]
@@ -59,7 +60,7 @@ def build_manifest(
         "shards": [r["shard"] for r in results],
         "pairs": pairs,
         "sources": source_entries,
-        "rejects": {"count": rejects_count, "path": "rejects.parquet" if rejects_written else None},
+        "rejects": {"count": rejects_count, "path": REJECTS_NAME if rejects_written else None},
         "settings": settings,
     }
 
@@ -73,7 +74,7 @@ def write_rejects(out: Path, rejects: list[dict], keep_file: bool) -> bool:
     from facepipe.data.shards import DECODE_REJECT_SCHEMA
     from facepipe.fsutil import atomic_path
 
-    path = out / "rejects.parquet"
+    path = Path(Dataset(out).rejects_path)
     if not (keep_file or rejects):
         path.unlink(missing_ok=True)
         return False

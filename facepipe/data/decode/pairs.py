@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facepipe.data.dataset import Dataset, pair_table_relpath
 from facepipe.data.decode.parse import decode_or_none
 from facepipe.data.decode.sidecars import load_pair_degradation, pair_sidecar_path
 from facepipe.data.formats.image_header import DEFAULT_MAX_PIXELS
@@ -28,6 +29,7 @@ def write_pairs(
     from facepipe.data.formats.verification_bin import load_bin
     from facepipe.data.shards import pair_folds, write_pair_table
 
+    layout = Dataset(out)
     entries: dict[str, dict] = {}
     rejects: list[dict] = []
     bins = [
@@ -56,14 +58,14 @@ def write_pairs(
                 issame = [s for p, s in enumerate(issame) if p not in drop]
                 folds = folds[kept]
                 extra = {k: v[kept] for k, v in extra.items()}
-        entry = write_pair_table(out / "pairs" / f"{name}.parquet", images, issame, folds=folds, extra=extra)
-        entry["path"] = f"pairs/{name}.parquet"
+        entry = write_pair_table(layout.pair_table_path(name), images, issame, folds=folds, extra=extra)
+        entry["path"] = pair_table_relpath(name)
         entry["source"] = escape_name(str(path))  # strict UTF-8 JSON whatever the folder's bytes
         entry["dataset"] = dataset
         entries[name] = entry
         if extra:
             used.append(pair_sidecar_path(path))
-    for stale in (out / "pairs").glob("*.parquet"):  # pair tables of sources no longer given
+    for stale in Path(layout.pairs_dir).glob("*.parquet"):  # pair tables of sources no longer given
         if stale.stem not in entries:
             stale.unlink()
     return entries, rejects, used

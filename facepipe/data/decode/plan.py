@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facepipe.data.dataset import Dataset
 from facepipe.data.decode.coverage import check_outside_images
 from facepipe.data.decode.resume import DONE_DIR
 from facepipe.data.decode.sidecars import load_key_degradation, lookup_degradation
@@ -154,7 +155,7 @@ def build_plan(
                 "rec_size": rec_stat.st_size,
                 "rec_mtime_ns": rec_stat.st_mtime_ns,  # a changed source is converted again
                 "plan_version": PLAN_VERSION,
-                "out_dir": str(out / "train"),
+                "out_dir": str(Dataset(out).train_dir),
                 "done_dir": str(out / DONE_DIR),
             }
             task["fingerprint"] = fingerprint(task)

@@ -12,6 +12,7 @@ import os
 import threading
 from pathlib import Path
 
+from facepipe.data.dataset import SHARD_PREFIX, Dataset
 from facepipe.data.decode.hashing import DEFAULT_SOURCE_HASH, check_source_hash, hash_mapped
 from facepipe.fsutil import atomic_path
 
@@ -32,7 +33,7 @@ _CACHE_VERSION = 2  # {"version", <algorithm>: {path: entry}}; version 1 held sh
 
 
 def shard_name(index: int) -> str:
-    return f"part-{index:05d}"
+    return f"{SHARD_PREFIX}-{index:05d}"
 
 
 def shard_path(task: dict) -> Path:
@@ -70,8 +71,8 @@ def finished_marker(task: dict) -> dict | None:
 
 def remove_outside_plan(out: Path, count: int) -> None:
     """Drop shards and markers a previous run with other settings left beyond this plan."""
-    for directory, pattern in ((out / "train", "part-*.parquet"), (out / DONE_DIR, "part-*.json")):
-        for path in directory.glob(pattern):
+    for directory, suffix in ((Path(Dataset(out).train_dir), ".parquet"), (out / DONE_DIR, ".json")):
+        for path in directory.glob(f"{SHARD_PREFIX}-*{suffix}"):
             try:
                 index = int(path.name.split("-")[1].split(".")[0])
             except ValueError:

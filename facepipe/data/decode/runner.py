@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
 
 from facepipe.data.decode.worker import convert_range
@@ -73,19 +74,26 @@ def describe_range(task: dict) -> str:
     )
 
 
-def ray_runner(address: str | None, location: str | None = None) -> Runner:
+def ray_runner(
+    address: str | None,
+    location: str | None = None,
+    sources: Sequence[str | os.PathLike] = (),
+    out_dir: str | os.PathLike | None = None,
+) -> Runner:
     """A runner that converts the ranges as Ray tasks on the cluster at `address` ("host:port", "auto",
-    "ray://host:port"; None: a local instance). The sources must be readable at the same paths on
-    every node. With `location` (the output URI), each task uploads its own shard there, since a
-    node's disk is not the driver's; the driver publishes the rest and the manifest last.
+    "ray://host:port"; None: a local instance). The local `sources` and a local `out_dir` must be the
+    same on every node (checked before any task starts). With `location` (the output URI), each task
+    uploads its own shard there, since a node's disk is not the driver's; the driver publishes the
+    rest and the manifest last.
     """
 
     def run(fn: Callable[[dict], dict], tasks: list[dict]) -> Iterator[dict]:
         import ray
 
-        from facepipe.cluster import ray_session
+        from facepipe.cluster import ray_session, require_shared_paths
 
         with ray_session(address):
+            require_shared_paths(sources, [out_dir] if out_dir is not None and location is None else [])
             remote = ray.remote(num_cpus=1, max_retries=1)(_convert_and_upload)
             pending = [remote.remote(fn, task, location) for task in tasks]
             while pending:

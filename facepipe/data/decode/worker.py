@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from facepipe.data.dataset import shard_relpath
 from facepipe.data.decode.coverage import first_problem, gap_rejects
 from facepipe.data.decode.hashing import new_hash, update_from_mapping
 from facepipe.data.decode.parse import ParsedChunk, check_labels, parse_chunk, validate_images
@@ -80,7 +81,7 @@ def convert_range(task: dict) -> dict:
         "fingerprint": task["fingerprint"],
         "dataset": task["dataset"],
         "shard": {
-            "path": f"train/{out.name}",
+            "path": shard_relpath(out.name),
             "rows": shard["rows"] if stats["rows"] else 0,
             "bytes": shard["bytes"],
             "sha256": shard["sha256"],

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from facepipe.data.align.pairs import read_pairs_file
+from facepipe.data.dataset import Dataset, pair_table_relpath
 from facepipe.data.formats.landmarks import load_landmarks, normalise_key
 from facepipe.data.protocols import align_files, bad_line, make_aligner, read_lines, write_protocol_info
 from facepipe.data.shards import write_pair_table
@@ -86,7 +87,7 @@ def read_lfw(
     images = [crops[p] for i in kept for p in pairs[i][:2]]
     name = name or Path(pairs_file).stem
     entry = write_pair_table(
-        out / "pairs" / f"{name}.parquet",
+        Dataset.at(out).pair_table_path(name),
         images,
         [pairs[i][2] for i in kept],
         folds=None if fold_of is None else [fold_of[i] for i in kept],
@@ -96,7 +97,7 @@ def read_lfw(
         left_out=len(pairs) - len(kept),
         missing_images=len(wanted) - len(present),
         rejected=rejects,
-        path=os.path.join("pairs", f"{name}.parquet"),
+        path=pair_table_relpath(name),
     )
     write_protocol_info(out, {"kind": "pairs", "source": str(root), "tables": {name: entry}})
     return entry
