@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -267,7 +268,10 @@ class StageLoop:
             *([f"val acc {accuracy:.4f}"] if isinstance(accuracy, float) else []),
             f"ETA {time.strftime('%H:%M:%S', time.gmtime(left)) if math.isfinite(left) else '?'}",
         ]
-        print("  ".join(parts), flush=True)
+        # not print(): Ray Train patches it into its logger and, with stdout wrapped, also echoes it,
+        # so every epoch line reached the console twice; a plain write goes out once
+        sys.stdout.write("  ".join(parts) + "\n")
+        sys.stdout.flush()
 
     def log_floats(self, metrics: dict[str, Any]) -> None:
         if self.rank == 0:
