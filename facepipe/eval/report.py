@@ -33,16 +33,24 @@ def log_curves(
 ) -> tuple[float, float]:
     """Draw ``curves[name] = (x, y)`` on a log x axis (and log y with ``log_y``), leaving off the points a
     log axis cannot show (zeros); returns the smallest positive x and y drawn (1.0 when none)."""
-    lo_x, lo_y = 1.0, 1.0
+    lo_x, lo_y, drawn = 1.0, 1.0, False
     for name, (x, y) in curves.items():
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         ok = (x > 0) & (y > 0) if log_y else x > 0
         if ok.any():
+            drawn = True
             lo_x, lo_y = min(lo_x, float(x[ok].min())), min(lo_y, float(y[ok].min()))
         ax.plot(np.where(ok, x, np.nan), np.where(ok, y, np.nan) if log_y else y, lw=1.5, label=name, **style)
     ax.set_xscale("log")
     if log_y:
         ax.set_yscale("log")
+    if not drawn:
+        # nothing positive to draw (e.g. no identification errors at all): a log axis without data
+        # cannot autoscale, so give it a range and say why it is empty
+        ax.set_xlim(1e-4, 1.0)
+        if log_y:
+            ax.set_ylim(1e-4, 1.0)
+        ax.text(0.5, 0.5, "no non-zero values to show", transform=ax.transAxes, ha="center", va="center")
     return lo_x, lo_y
 
 

@@ -270,3 +270,12 @@ def test_identification_det_matches_a_threshold_loop():
         hit = [(res.rank[i] == 1) and (res.mate_score[i] > t) for i in np.flatnonzero(res.mated)]
         assert fpir[k] == pytest.approx(np.mean(nm > t))
         assert fnir[k] == pytest.approx(1.0 - np.mean(hit))
+
+
+def test_identification_det_with_no_errors_still_draws(tmp_path):
+    """A perfect open-set search (FNIR 0 everywhere) has nothing for a log axis: the plot is still written."""
+    from facepipe.eval.protocol_report import plot_identification_det
+
+    curves = {"perfect": (np.array([0.0, 0.1, 0.5]), np.zeros(3))}
+    path = plot_identification_det(curves, tmp_path / "det.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
