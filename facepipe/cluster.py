@@ -121,13 +121,14 @@ def require_shared_paths(
             return
         probe = ray.remote(num_cpus=0, max_retries=0)(_views)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        refs = {
-            n["NodeManagerAddress"]: probe.options(
+        # one probe per node, by node id: nodes of one host share an address
+        refs = [
+            (n["NodeManagerAddress"], probe.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-            ).remote(list(wanted))
+            ).remote(list(wanted)))
             for n in nodes
-        }
-        for node, ref in refs.items():
+        ]  # fmt: skip
+        for node, ref in refs:
             seen = ray.get(ref, timeout=120)
             for path, view in wanted.items():
                 if seen[path] != view:
