@@ -96,7 +96,7 @@ def pipeline(
     summary = {
         "workdir": s.workdir,
         "data_version": (data["data_version"] or {}).get("md5"),
-        "train_data": str(Path(s.workdir) / train_data),
+        "train_data": train_data,  # absolute or a URI: FlowSettings pinned relative paths
         "models": [
             {k: current.get(m["uri"], m)[k] for k in ("name", "version", "aliases", "uri", "run_id")}
             for m in models
@@ -152,22 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         "--no-finetune", dest="finetune", action="store_false", help="skip the fine-tune stage"
     )
     parser.add_argument("--summary-json", default=None, help="also write the summary here")
-    args = parser.parse_args(argv)
-    summary = pipeline(
-        workdir=args.workdir,
-        params=args.params,
-        overrides=args.overrides,
-        methods=[m for m in args.methods.split(",") if m],
-        synthesize=args.synthesize,
-        version_data=args.version_data,
-        dvc_remote=args.dvc_remote,
-        ray_address=args.ray_address,
-        num_workers=args.num_workers,
-        finetune=args.finetune,
-    )
+    options = vars(parser.parse_args(argv))  # every dest but summary_json is a pipeline() parameter
+    summary_json = options.pop("summary_json")
+    options["methods"] = [m for m in options["methods"].split(",") if m]
+    summary = pipeline(**options)
     text = json.dumps(summary, indent=2, default=str)
-    if args.summary_json:
-        write_json_atomic(args.summary_json, summary)
+    if summary_json:
+        write_json_atomic(summary_json, summary)
     print(text)
     return 0
 

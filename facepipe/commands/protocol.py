@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
             args.splits,
             args.out,
             args.landmarks,
-            align.template,
-            align.detector_model,
-            args.max_frames,
+            max_frames=args.max_frames,
+            template=align.template,
+            detector_model=align.detector_model,
         )
         lines = {k: info[k] for k in ("videos", "frames", "pairs", "left_out")}
     lines["rejected"] = len(info.get("rejected", {}))

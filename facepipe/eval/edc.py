@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import numpy as np
 
@@ -229,16 +230,21 @@ def _sampled(
     )
 
 
+class CurveOptions(TypedDict, total=False):
+    """How `ideal_edc` samples its curve, as `edc` takes them (`discard_limit`, `discard`, `threshold`)."""
+
+    discard_limit: float
+    discard: Sequence[float] | np.ndarray | None
+    threshold: float | None
+
+
 def ideal_edc(
-    scores: np.ndarray,
-    issame: np.ndarray,
-    fmr_target: float,
-    discard_limit: float = DEFAULT_DISCARD_LIMIT,
-    discard: Sequence[float] | np.ndarray | None = None,
-    threshold: float | None = None,
+    scores: np.ndarray, issame: np.ndarray, fmr_target: float, **options: Unpack[CurveOptions]
 ) -> EDCResult:
     """The ideal (oracle) FNMR-EDC: false non-matches discarded first, one comparison at a time."""
-    scores, issame, tau, grid, upto = _setup(scores, issame, fmr_target, discard_limit, discard, threshold)
+    limit = options.get("discard_limit", DEFAULT_DISCARD_LIMIT)
+    sampled = (options.get("discard"), options.get("threshold"))
+    scores, issame, tau, grid, upto = _setup(scores, issame, fmr_target, limit, *sampled)
     n = scores.shape[0]
     match = scores > tau
     false_nm, genuine = int((issame & ~match).sum()), int(issame.sum())
@@ -249,7 +255,7 @@ def ideal_edc(
     fnmr_steps = _rate(false_nm - removed_fnm, genuine - removed_fnm)
     # the ideal order is defined for FNMR only; its FMR is reported at the zero-discard value
     fmr_steps = np.full(m.shape, fm / impostor if impostor else 0.0)
-    return _sampled(fmr_target, tau, discard_limit, m, n, (fnmr_steps, fmr_steps), grid)
+    return _sampled(fmr_target, tau, limit, m, n, (fnmr_steps, fmr_steps), grid)
 
 
 def edc_report(
@@ -308,7 +314,14 @@ def edc_report(
             ]
             per[name] = runs[0]
             per[name].fmr = runs[-1].fmr  # FMR of the non-mated comparisons kept ("mated" population)
-        ideal = ideal_edc(part(scores, masks[0]), part(issame, masks[0]), alpha, discard_limit, grid, tau)
+        ideal = ideal_edc(
+            part(scores, masks[0]),
+            part(issame, masks[0]),
+            alpha,
+            discard_limit=discard_limit,
+            discard=grid,
+            threshold=tau,
+        )
         if population == "mated":  # the ideal order leaves the non-mated comparisons alone
             fmr0 = float(np.mean(scores[~issame] > tau)) if (~issame).any() else 0.0
             ideal.fmr_steps = np.full(ideal.fmr_steps.shape, fmr0)

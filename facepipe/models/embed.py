@@ -7,6 +7,8 @@ benchmarks all embed images the same way, so the one implementation lives here, 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,17 @@ def _input_memory_format(backbone: Any) -> Any:
             nhwc = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
             return torch.channels_last if nhwc else torch.contiguous_format
     return torch.contiguous_format
+
+
+@contextmanager
+def eval_mode(backbone: Any) -> Iterator[Any]:
+    """``backbone`` in eval mode inside the block, then back in the mode it had (a training loop's model)."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        yield backbone
+    finally:
+        backbone.train(was_training)
 
 
 def embed_images(backbone: Any, images_u8: np.ndarray, flip: bool = False, maps: bool = False) -> Any:
@@ -68,11 +81,9 @@ def embed_pair_table(
     """Embeddings of a pair table, rows 2i / 2i+1 = pair i's images (the verification layout)."""
     import pyarrow.parquet as pq
 
-    was_training = backbone.training
-    backbone.eval()
     embs, flips, issame = [], [], []
     row = 0
-    try:
+    with eval_mode(backbone):
         handle = pq.ParquetFile(path)
         for batch in handle.iter_batches(batch_size=batch_pairs, columns=["image_a", "image_b", "issame"]):
             a = batch.column("image_a").to_pylist()
@@ -85,8 +96,6 @@ def embed_pair_table(
                 flips.append(f)
             issame.append(batch.column("issame").to_numpy(zero_copy_only=False))
             row += batch.num_rows
-    finally:
-        backbone.train(was_training)
     return {
         "embedding": np.concatenate(embs),
         "flipped": np.concatenate(flips) if flips else None,

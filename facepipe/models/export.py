@@ -14,7 +14,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -125,19 +125,21 @@ def _backbone_metadata(backbone: nn.Module) -> dict[str, object]:
     return {"input_shape": f"N,3,{h},{w}", "embedding_size": getattr(backbone, "embedding_size", "")}
 
 
+class ExportOptions(TypedDict, total=False):
+    """The keyword options of both exports (their defaults: `_export_on_backbone`)."""
+
+    fmt: Format  # "onnx" (default) or "torchscript"
+    batch: int  # rows of the example batch the model is traced on (default 2)
+    opset: int  # ONNX opset (default DEFAULT_OPSET)
+    metadata: dict[str, object] | None  # stored in the file after the entries export writes itself
+
+
 def export_backbone(
-    backbone: nn.Module,
-    out_path: str | os.PathLike,
-    *,
-    fmt: Format = "onnx",
-    batch: int = 2,
-    opset: int = DEFAULT_OPSET,
-    metadata: dict[str, object] | None = None,
+    backbone: nn.Module, out_path: str | os.PathLike, **options: Unpack[ExportOptions]
 ) -> Path:
     """Export a registry backbone (it has ``forward_features`` and ``input_size``): images → embedding."""
-    meta = {**_backbone_metadata(backbone), "outputs": "embedding", **(metadata or {})}
-    example = example_images(backbone, batch)
-    return export_model(EmbeddingOnly(backbone), example, out_path, fmt=fmt, opset=opset, metadata=meta)
+    outputs = {"outputs": "embedding"}
+    return _export_on_backbone(EmbeddingOnly(backbone), backbone, out_path, outputs, **options)
 
 
 def export_with_uncertainty(
@@ -145,21 +147,31 @@ def export_with_uncertainty(
     head: nn.Module,
     method: str,
     out_path: str | os.PathLike,
+    **options: Unpack[ExportOptions],
+) -> Path:
+    """Export backbone + uncertainty head: images → (embedding, σ² for PFE/ProbFace or κ for SCF)."""
+    spec = get_method(method)
+    outputs = {"outputs": f"embedding,{spec.uncertainty_name}", "uncertainty_method": spec.name}
+    model = EmbeddingWithUncertainty(backbone, head, method)
+    return _export_on_backbone(model, backbone, out_path, outputs, **options)
+
+
+def _export_on_backbone(
+    model: nn.Module,
+    backbone: nn.Module,
+    out_path: str | os.PathLike,
+    outputs: dict[str, object],
     *,
     fmt: Format = "onnx",
     batch: int = 2,
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, object] | None = None,
 ) -> Path:
-    """Export backbone + uncertainty head: images → (embedding, σ² for PFE/ProbFace or κ for SCF)."""
-    spec = get_method(method)
-    meta = {
-        **_backbone_metadata(backbone),
-        "outputs": f"embedding,{spec.uncertainty_name}",
-        "uncertainty_method": spec.name,
-        **(metadata or {}),
-    }
-    model = EmbeddingWithUncertainty(backbone, head, method)
+    """`export_model` of a module over ``backbone``, traced on images of the backbone's input size.
+
+    The file's metadata: the backbone's shapes, then ``outputs`` (what the model returns), then ``metadata``.
+    """
+    meta = {**_backbone_metadata(backbone), **outputs, **(metadata or {})}
     example = example_images(backbone, batch)
     return export_model(model, example, out_path, fmt=fmt, opset=opset, metadata=meta)
 

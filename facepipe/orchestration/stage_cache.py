@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from facepipe import storage
 from facepipe.data.dataset import Dataset
 from facepipe.errors import DataError
 from facepipe.fsutil import write_json_atomic
@@ -41,6 +42,12 @@ def path_state(path: str | os.PathLike) -> Any:
     are DVC-tracked (the raw dataset), which pins their content without re-reading gigabytes; otherwise
     sizes and modification times stand in.
     """
+    if storage.is_remote(path):  # object storage: decode/align outputs carry a manifest
+        dataset = Dataset.at(path)
+        if dataset.has_manifest():
+            with contextlib.suppress(DataError):
+                return {"manifest": dataset.fingerprint}
+        return {"remote": str(path), "exists": storage.exists(path)}
     p = Path(path)
     dvc_file = p.with_name(p.name + ".dvc")
     if dvc_file.is_file():
@@ -71,9 +78,20 @@ def fingerprint(argv: list[str], params: Any, deps: list[str], workdir: Path) ->
     state = {
         "argv": stable_argv(argv),
         "params": params,
-        "deps": {d: path_state(d if Path(d).is_absolute() else workdir / d) for d in deps},
+        "deps": {d: path_state(_located(d, workdir)) for d in deps},
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _located(path: str, workdir: Path) -> str | Path:
+    """A stage's input or output: a URI as it is, a relative path inside the workdir."""
+    if storage.is_remote(path) or Path(path).is_absolute():
+        return path
+    return workdir / path
+
+
+def _exists(path: str | Path) -> bool:
+    return storage.exists(path) if storage.is_remote(path) else Path(path).exists()
 
 
 def marker_path(workdir: Path, name: str) -> Path:
@@ -91,7 +109,7 @@ def completed(workdir: Path, name: str, fp: str, outs: list[str]) -> dict[str, A
         return None
     if record.get("fingerprint") != fp:
         return None
-    if not all((workdir / o).exists() for o in outs):
+    if not all(_exists(_located(o, workdir)) for o in outs):
         return None
     return record
 

@@ -16,25 +16,15 @@ from facepipe.services.prefect_server import (
     start_prefect_server,
     start_prefect_worker,
 )
-from facepipe.services.process import (  # the private ones for tests that start their own processes
-    _LIVE,
-    ServiceHandle,
-    _bin,
-    _spawn,
-    _tail,
-    _wait_until,
-    free_port,
-    http_ok,
-)
+from facepipe.services.process import ServiceHandle, _bin, _spawn, _wait_until, free_port, http_ok
 from facepipe.services.ray_head import start_ray_head
 from facepipe.services.stores import ensure_dvc_repo, mlflow_local, start_mlflow_server
 
 __all__ = [
-    "_LIVE",
     "ServiceHandle",
+    # the private ones are for tests that start their own processes
     "_bin",
     "_spawn",
-    "_tail",
     "_wait_until",
     "ensure_dvc_repo",
     "ensure_process_pool",

@@ -8,15 +8,7 @@ import subprocess
 from pathlib import Path
 
 from facepipe.errors import FacepipeError
-from facepipe.services.process import (
-    ServiceHandle,
-    _bin,
-    _spawn,
-    _tail,
-    _wait_until,
-    free_port,
-    http_ok,
-)
+from facepipe.services.process import ServiceHandle, _bin, _spawn, _tail, _wait_until, free_port, http_ok
 
 log = logging.getLogger(__name__)
 

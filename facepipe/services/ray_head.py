@@ -10,14 +10,7 @@ import tempfile
 from pathlib import Path
 
 from facepipe.errors import FacepipeError
-from facepipe.services.process import (
-    ServiceHandle,
-    _bin,
-    _spawn,
-    _tail,
-    _wait_until,
-    free_port,
-)
+from facepipe.services.process import ServiceHandle, _bin, _spawn, _tail, _wait_until, free_port
 
 log = logging.getLogger(__name__)
 

@@ -7,15 +7,9 @@ import secrets
 import subprocess
 from pathlib import Path
 
+from facepipe import storage
 from facepipe.errors import FacepipeError
-from facepipe.services.process import (
-    ServiceHandle,
-    _bin,
-    _spawn,
-    _wait_until,
-    free_port,
-    http_ok,
-)
+from facepipe.services.process import ServiceHandle, _bin, _spawn, _wait_until, free_port, http_ok
 
 # ---------------------------------------------------------------------------------------------- MLflow
 
@@ -114,7 +108,7 @@ def _dvc(args: list[str], cwd: Path) -> str:
 def ensure_dvc_repo(
     workdir: str | os.PathLike, remote_dir: str | os.PathLike, remote_name: str = "local"
 ) -> ServiceHandle:
-    """Make `workdir` a DVC project whose default remote is the folder `remote_dir`.
+    """Make `workdir` a DVC project whose default remote is `remote_dir` (a folder or a URI).
 
     A git work tree root gets a normal `dvc init`; any other folder (e.g. a demo folder inside a clone)
     gets `dvc init --no-scm`, so its files never touch the surrounding repository. Nothing runs, so the
@@ -122,13 +116,16 @@ def ensure_dvc_repo(
     """
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    remote = Path(remote_dir).resolve()
-    remote.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(remote_dir):  # object storage (s3://…): credentials from the AWS variables
+        remote = os.fspath(remote_dir)
+    else:
+        remote = str(Path(remote_dir).resolve())
+        Path(remote).mkdir(parents=True, exist_ok=True)
     if not (root / ".dvc").is_dir():
         _dvc(["init"] if (root / ".git").exists() else ["init", "--no-scm"], root)
         _dvc(["config", "core.analytics", "false"], root)
-    _dvc(["remote", "add", "--default", "--force", remote_name, str(remote)], root)
+    _dvc(["remote", "add", "--default", "--force", remote_name, remote], root)
     return ServiceHandle(
         name=f"dvc remote {remote_name}",
-        info={"root": str(root), "remote": remote_name, "remote_url": str(remote)},
+        info={"root": str(root), "remote": remote_name, "remote_url": remote},
     )

@@ -102,9 +102,9 @@ def log_and_register(
     version = str(model_info.registered_model_version)
     metric_name = champion_metric(tracking, stage)
     value = metrics.get(metric_name)
-    for key, val in metrics.items():
-        if isinstance(val, int | float):
-            mlc.set_model_version_tag(name, version, METRIC_TAG + key, str(float(val)))
+    # the metric the champion decision reads (the rest stay on the run: one request per tag)
+    if isinstance(value, int | float):
+        mlc.set_model_version_tag(name, version, METRIC_TAG + metric_name, str(float(value)))
     run = mlc.get_run(run_id)
     for key in ("git.commit", "data.manifest_sha256", "data.dvc_md5", "config.yaml_sha256"):
         if key in run.data.tags:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ class EventLog:
         self.sink, self.keep_events = sink, keep_events
 
     def write(self, **event: Any) -> None:
-        if self.keep_events:
+        # worker starts always travel (one per worker and attempt): the driver says where training runs
+        if self.keep_events or event.get("event") == "start":
             self._send("event", event)
 
     def nonfinite(self, rank: int, step: int, message: str) -> None:
@@ -70,6 +72,8 @@ class Mailbox:
     def __init__(self, events_path: str | os.PathLike | None):
         self.events_path = os.fspath(events_path) if events_path else None
         self.nonfinite: list[dict[str, Any]] = []
+        self._starts: dict[int, dict[str, Any]] = {}  # rank -> start event of the attempt under way
+        self.attempts = 0
         self._stop = threading.Event()
         self._queue: Any = None
         self._thread: threading.Thread | None = None
@@ -108,8 +112,28 @@ class Mailbox:
         for kind, body in self._queue.get_nowait_batch(waiting) if waiting else []:
             if kind == "nonfinite":
                 self.nonfinite.append(body)
-            elif self.events_path:
+                continue
+            if body.get("event") == "start":
+                self._note_start(body)
+            if self.events_path:
                 append_line(self.events_path, body)
+
+    def _note_start(self, event: dict[str, Any]) -> None:
+        """Once every worker of an attempt has started: one console line saying how many workers run
+        on how many nodes and from which step (a restart after a lost node or worker shows here)."""
+        if event["rank"] in self._starts:  # a new attempt before the last one had fully started
+            self._starts.clear()
+        self._starts[event["rank"]] = event
+        if len(self._starts) < event["world"]:
+            return
+        self.attempts += 1
+        nodes = len({e["node"] for e in self._starts.values()})
+        step = event["step"]
+        where = f"resuming from the checkpoint at step {step}" if step else "from step 0"
+        workers = f"{event['world']} worker{'s' * (event['world'] > 1)} on {nodes} node{'s' * (nodes > 1)}"
+        sys.stdout.write(f"facepipe train: attempt {self.attempts}: {workers}, {where}\n")
+        sys.stdout.flush()
+        self._starts.clear()
 
     def raise_nonfinite(self) -> None:
         """Raise the non-finite-loss error a worker recorded (lowest rank first), if any."""

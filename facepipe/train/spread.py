@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from facepipe.models.embed import decode_images_of, embed_images
+from facepipe.models.embed import decode_images_of, embed_images, eval_mode
 
 __all__ = ["class_spread", "plot_spread", "spread_metrics"]
 
@@ -71,17 +71,13 @@ def class_spread(
             "classes": 0,
             "images": 0,
         }
-    was_training = backbone.training
-    backbone.eval()
-    try:
+    with eval_mode(backbone):
         parts = [
             embed_images(
                 backbone, decode_images_of(images[i : i + batch], input_size, color_order, source, i)
             )[0]
             for i in range(0, len(images), batch)
         ]
-    finally:
-        backbone.train(was_training)
     emb = np.concatenate(parts).astype(np.float64)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     ids = np.unique(labels)

@@ -60,12 +60,7 @@ def _col(sigma_sq: Tensor) -> Tensor:
 
 
 def pair_score(
-    mu_a: Tensor,
-    sigma_sq_a: Tensor,
-    mu_b: Tensor,
-    sigma_sq_b: Tensor,
-    *,
-    attention_only: bool = False,
+    mu_a: Tensor, sigma_sq_a: Tensor, mu_b: Tensor, sigma_sq_b: Tensor, *, attention_only: bool = False
 ) -> Tensor:
     """Score of row-aligned pairs (N,), higher = more alike; σ² given as (N,) or (N, 1)."""
     mu_a, sigma_sq_a, mu_b, sigma_sq_b = as_tensors(mu_a, sigma_sq_a, mu_b, sigma_sq_b)
@@ -82,22 +77,21 @@ def score_from_cos(
     """
     cos, sigma_sq_a, sigma_sq_b = as_tensors(cos, sigma_sq_a, sigma_sq_b)
     var = torch.clamp(_col(sigma_sq_a) + _col(sigma_sq_b), min=VAR_FLOOR)
-    attention = 2.0 * (1.0 - cos) / (LOSS_EPS + var)
-    return -attention if attention_only else -(attention + torch.log(var))
+    return _mls(cos, var, attention_only)
 
 
 def score_matrix(
-    mu_a: Tensor,
-    sigma_sq_a: Tensor,
-    mu_b: Tensor,
-    sigma_sq_b: Tensor,
-    *,
-    attention_only: bool = False,
+    mu_a: Tensor, sigma_sq_a: Tensor, mu_b: Tensor, sigma_sq_b: Tensor, *, attention_only: bool = False
 ) -> Tensor:
     """Score of every a against every b (Na, Nb): one matrix product, memory O(Na·Nb)."""
     mu_a, sigma_sq_a, mu_b, sigma_sq_b = as_tensors(mu_a, sigma_sq_a, mu_b, sigma_sq_b)
     var = torch.clamp(_col(sigma_sq_a)[:, None] + _col(sigma_sq_b)[None, :], min=VAR_FLOOR)
-    attention = 2.0 * (1.0 - mu_a @ mu_b.T) / (LOSS_EPS + var)
+    return _mls(mu_a @ mu_b.T, var, attention_only)
+
+
+def _mls(cos: Tensor, var: Tensor, attention_only: bool) -> Tensor:
+    """The score from cos θ and the floored σ²a+σ²b (pairs or a matrix; one formula for both)."""
+    attention = 2.0 * (1.0 - cos) / (LOSS_EPS + var)
     return -attention if attention_only else -(attention + torch.log(var))
 
 

@@ -89,24 +89,35 @@ def _reload_ray_auth() -> None:
 
 
 @contextlib.contextmanager
-def driver_env(env: dict[str, str]):
-    """This process as a driver of the cluster `env` describes: its RAY_* variables set (and Ray's
-    cached auth reloaded) for the block; Ray shut down and the variables restored after it."""
-    saved = {k: os.environ.get(k) for k in env if k.startswith("RAY_")}
-    os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})
-    _reload_ray_auth()
+def environ(updates: dict[str, str]):
+    """os.environ with `updates` for the block; the previous values (or their absence) restored after."""
+    saved = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
     try:
         yield
     finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def driver_env(env: dict[str, str]):
+    """This process as a driver of the cluster `env` describes: its RAY_* variables set (and Ray's
+    cached auth reloaded) for the block; Ray shut down and the variables restored after it."""
+    try:
+        with environ({k: v for k, v in env.items() if k.startswith("RAY_")}):
+            _reload_ray_auth()
+            try:
+                yield
+            finally:
+                import ray
+
+                if ray.is_initialized():
+                    ray.shutdown()
+    finally:
         _reload_ray_auth()
 
 
@@ -215,11 +226,24 @@ def ray_cluster():
 
 
 def assert_resumed_once(events: list[dict], resumed_at: int, max_steps: int) -> None:
-    """Rank 0's steps: 1.. before the restart, then resumed_at+1..max_steps once each; only steps
-    past the checkpoint it resumed from ran twice."""
+    """Rank 0's step events: see `assert_steps_resumed_once`."""
     restart = next(i for i, e in enumerate(events) if e["event"] == "start" and e["step"] == resumed_at)
     before = [e["step"] for e in events[:restart] if e["event"] == "step"]
     after = [e["step"] for e in events[restart:] if e["event"] == "step"]
+    _assert_no_step_lost(before, after, resumed_at, max_steps)
+
+
+def assert_steps_resumed_once(steps: list[int], resumed_at: int, max_steps: int) -> None:
+    """Steps in the order they were logged, one restart among them: 1.. before the restart, then
+    resumed_at+1..max_steps once each; only steps past the checkpoint it resumed from ran twice."""
+    steps = [s for i, s in enumerate(steps) if i == 0 or s != steps[i - 1]]  # a step's epoch-end line
+    restart = next((i for i in range(1, len(steps)) if steps[i] < steps[i - 1]), len(steps))
+    if restart == len(steps):  # the restart came right at a checkpoint: nothing ran twice
+        restart = steps.index(resumed_at + 1) if resumed_at + 1 in steps else len(steps)
+    _assert_no_step_lost(steps[:restart], steps[restart:], resumed_at, max_steps)
+
+
+def _assert_no_step_lost(before: list[int], after: list[int], resumed_at: int, max_steps: int) -> None:
     assert before == list(range(1, len(before) + 1))
     assert after == list(range(resumed_at + 1, max_steps + 1))  # nothing lost after the restart
     assert all(s > resumed_at for s in set(before) & set(after))

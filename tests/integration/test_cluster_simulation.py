@@ -1,134 +1,28 @@
-"""A cluster that fails where a real one would: the second Ray node shares no disk with the driver.
-
-The second node runs in its own mount namespace (`unshare -m`) in which the driver's temp folders
-(pytest's, where every test keeps its data, and the head's Ray temp dir) are empty tmpfs mounts, with
-its own working directory, temp dir and HOME. A local path handed from the driver to a worker there
-does not exist, as on a real cluster: shared state has to go through object storage (a moto S3
-server) or the tracking server (MLflow over HTTP). Only the code is shared, as a cluster image would.
+"""A cluster that fails where a real one would: the second Ray node shares no disk with the driver
+(see tests/isolated_cluster.py), data and checkpoints on an S3 server, MLflow over HTTP with auth, and
+the `pipeline` deployment run through a Prefect server and process worker against all of it.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
-import subprocess
-import tempfile
+import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+import yaml
 
-from facepipe import storage
+from facepipe import services, storage
 from facepipe.errors import FacepipeError
-from facepipe.train.mailbox import read_events
-from tests.integration.conftest import (
-    RAY,
-    LocalCluster,
-    _kill_leftovers,
-    _node_args,
-    _wait_for_nodes,
-    assert_resumed_once,
-    driver_env,
-    free_port,
-    small_config,
-)
+from tests.integration.conftest import assert_steps_resumed_once, small_config
+from tests.isolated_cluster import isolated_cluster, tracking_server  # noqa: F401 - fixtures
+from tests.prefect_stack import artifact_markdown, prefect_stack, run_deployment, worker_log
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@dataclass
-class IsolatedCluster:
-    address: str
-    node: subprocess.Popen  # `ray start --block` of the isolated node
-
-    def kill_node_raylet(self) -> int:
-        """SIGKILL the isolated node's raylet (a child of its `ray start`), as a machine that dies."""
-        import psutil
-
-        raylet = next(p for p in psutil.Process(self.node.pid).children() if p.name() == "raylet")
-        raylet.kill()
-        return raylet.pid
-
-
-def _pytest_temp_root(tmp_path_factory) -> Path:
-    """The folder right below the system temp dir that holds every pytest temp path of this run."""
-    base, system = tmp_path_factory.getbasetemp().resolve(), Path(tempfile.gettempdir()).resolve()
-    while base.parent != system:
-        base = base.parent
-    return base
-
-
-def _namespaces_allowed() -> bool:
-    probe = ["unshare", "-m", "--propagation", "private", "true"]
-    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
-
-
-@pytest.fixture(scope="module")
-def isolated_cluster(tmp_path_factory):
-    import ray
-
-    if not _namespaces_allowed():
-        if os.environ.get("CI") == "true":
-            pytest.fail("unshare -m is refused here: the cluster simulation needs a mount namespace")
-        pytest.skip("unshare -m is refused here: the cluster simulation needs a mount namespace")
-    if ray.is_initialized():
-        ray.shutdown()
-    head_tmp = Path(tempfile.mkdtemp(prefix="fpih", dir="/tmp"))  # short: socket paths are capped
-    node_root = Path(tempfile.mkdtemp(prefix="fpin", dir="/tmp"))
-    for sub in ("home", "work", "tmp"):
-        (node_root / sub).mkdir()
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        # the ray_cluster fixture's token where this process has one: Ray caches the first it reads
-        "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or os.urandom(32).hex(),
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-        "RAY_DEDUP_LOGS": "1",
-        "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    cluster = LocalCluster(address, env, head_tmp)
-    logs = node_root / "logs"
-    logs.mkdir()
-    try:
-        head = [RAY, "start", "--head", f"--port={port}", f"--temp-dir={head_tmp}"]
-        head += ["--include-dashboard=false", *_node_args(head_tmp)]
-        with open(logs / "head.log", "w") as out:
-            cluster.procs.append(subprocess.Popen(head, env=env, stdout=out, stderr=subprocess.STDOUT))
-        _wait_for_nodes(address, env, 1)
-        hidden = [_pytest_temp_root(tmp_path_factory), head_tmp]
-        mounts = " && ".join(f"mount -t tmpfs -o size=512m none {shlex.quote(str(p))}" for p in hidden)
-        start = shlex.join([RAY, "start", f"--address={address}", *_node_args(head_tmp)])
-        script = f"{mounts} && cd {shlex.quote(str(node_root / 'work'))} && exec {start}"
-        node_env = {**env, "HOME": str(node_root / "home"), "TMPDIR": str(node_root / "tmp")}
-        node_env.pop("PWD", None)
-        state: dict[str, subprocess.Popen] = {}
-
-        def isolated_node() -> None:
-            if "node" in state and state["node"].poll() is None:
-                return  # running (or still joining)
-            with open(logs / "node.log", "a") as out:
-                state["node"] = subprocess.Popen(
-                    ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                    env=node_env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            cluster.procs.append(state["node"])
-
-        _wait_for_nodes(address, env, 2, node=isolated_node)
-        with driver_env(env):
-            yield IsolatedCluster(address, state["node"])
-    finally:
-        cluster.stop()  # both `ray start --block` processes, then anything left under head_tmp
-        _kill_leftovers(node_root)
-        subprocess.run(["rm", "-rf", str(node_root)], check=False)
 
 
 def _spread_config(sample_dataset: Path, tmp_path: Path, address: str, bucket: str, tracking_uri: str):
@@ -145,41 +39,11 @@ def _spread_config(sample_dataset: Path, tmp_path: Path, address: str, bucket: s
     return config
 
 
-@pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory):
-    """MLflow over HTTP with basic auth on: the driver and (forwarded by Ray) the workers log in with
-    the standard MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; a request without them is refused."""
-    import secrets
-    import urllib.error
-    import urllib.request
-
-    from facepipe.services import start_mlflow_server
-
-    login = {"MLFLOW_TRACKING_USERNAME": "facepipe-ci", "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(12)}
-    saved = {k: os.environ.get(k) for k in login}
-    os.environ.update(login)
-    root = tmp_path_factory.mktemp("mlflow-server")
-    server = start_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", auth=True)
-    try:
-        url = server.info["url"]
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")  # noqa: S310
-        assert refused.value.code == 401
-        yield url
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def test_a_local_path_does_not_reach_the_other_node(
-    isolated_cluster,
+    isolated_cluster,  # noqa: F811
     sample_dataset,
     s3_bucket,  # noqa: F811
-    tracking_server,
+    tracking_server,  # noqa: F811
     tmp_path,
 ):
     """The same run with the driver's local shards path injected fails, naming the path."""
@@ -195,7 +59,7 @@ def test_a_local_path_does_not_reach_the_other_node(
 
 
 def test_decode_and_align_refuse_a_source_the_other_node_cannot_see(
-    isolated_cluster,
+    isolated_cluster,  # noqa: F811
     sample_dataset,
     s3_bucket,  # noqa: F811
     tmp_path,
@@ -221,7 +85,7 @@ def test_decode_and_align_refuse_a_source_the_other_node_cannot_see(
     assert not list((tmp_path / "aligned" / "_work").glob(".facepipe-node-check-*"))
 
 
-def test_the_isolated_node_really_sees_other_folders(isolated_cluster, sample_dataset, tmp_path):
+def test_the_isolated_node_really_sees_other_folders(isolated_cluster, sample_dataset, tmp_path):  # noqa: F811
     """A task pinned to the isolated node cannot see the driver's data folder, nor shares its HOME."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -243,67 +107,108 @@ def test_the_isolated_node_really_sees_other_folders(isolated_cluster, sample_da
     assert not seen and home != os.environ.get("HOME") and cwd != os.getcwd()
 
 
+def _objects(location: str) -> list[str]:
+    fs, root = storage.resolve(location)
+    return [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))]
+
+
+def _kill_at_first_checkpoint(cluster, runs: str, deadline_s: float, done: threading.Event) -> int | None:
+    """SIGKILL the isolated node's raylet once a backbone checkpoint is in the bucket (and has had a
+    second to be registered by Ray Train's controller); None if training never got there."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and not done.is_set():
+        if any(o.endswith("/state.pt") for o in _objects(f"{runs}/")):
+            time.sleep(1.0)
+            return cluster.kill_node_raylet()
+        time.sleep(0.25)
+    return None
+
+
+def _pipeline_params(workdir: Path, config, bucket: str) -> None:
+    config.paths.raw = "data/raw"  # on the flow's disk, versioned by DVC into the bucket
+    config.paths.shards = f"{bucket}/shards"
+    config.paths.reports = "reports"
+    config.decode.workers = 1
+    tb = config.train_backbone
+    tb.max_steps, tb.epochs = 24, 6  # 5 steps an epoch with two workers on the sample dataset
+    data = config.model_dump(mode="json")
+    (workdir / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 # last: it kills the isolated node, which the module's other tests need
-def test_training_survives_losing_a_node_that_shares_no_disk(
-    isolated_cluster,
+@pytest.mark.timeout(1800)  # three deployment runs, training included
+def test_pipeline_deployment_on_s3_survives_losing_a_node(
+    isolated_cluster,  # noqa: F811
     sample_dataset,
     s3_bucket,  # noqa: F811
-    tracking_server,
+    tracking_server,  # noqa: F811
     tmp_path,
 ):
+    """`prefect deployment run pipeline/local`: decode → backbone (two workers, one per node) → ProbFace
+    → benchmark → registry, all data on S3. The second node dies after the first backbone checkpoint:
+    the run resumes from it on what remains, with no step lost or run twice past it. A second run of
+    the deployment finds every stage up to date; `train-probface/local` registers a new version."""
     import mlflow
-    import ray
 
-    from facepipe.cli import main
-    from facepipe.train.backbone import train_backbone
-
-    shards = f"{s3_bucket}/shards"
-    assert main(["decode", str(sample_dataset / "raw"), shards]) == 0
+    workdir = tmp_path / "work"
+    shutil.copytree(sample_dataset / "raw", workdir / "data" / "raw")
+    services.ensure_dvc_repo(workdir, f"{s3_bucket}/dvc", remote_name="store")
     config = _spread_config(sample_dataset, tmp_path, isolated_cluster.address, s3_bucket, tracking_server)
-    tb = config.train_backbone
-    tb.max_steps, tb.epochs = 24, 6  # 5 steps an epoch on the sample dataset
-    events_path = tmp_path / "events.jsonl"
-    outcome: dict = {}
+    _pipeline_params(workdir, config, s3_bucket)
+    max_steps = config.train_backbone.max_steps
+    params = {"workdir": str(workdir), "methods": ["probface"], "synthesize": False, "finetune": False,
+              "ray_address": isolated_cluster.address}  # fmt: skip
+    # the worker (and so each flow run) inherits this process's S3, MLflow-login and Ray variables
+    with prefect_stack(tmp_path / "prefect", ["pipeline/local", "train-probface/local"]) as stack:
+        finished, outcome = threading.Event(), {}
 
-    def train() -> None:
-        try:
-            outcome["result"] = train_backbone(config, shards, run_name="spread", events_path=events_path)
-        except BaseException as err:  # noqa: BLE001 - surfaced by the assertions below
-            outcome["error"] = err
+        def run() -> None:
+            outcome["proc"] = run_deployment(stack["env"], "pipeline/local", params, 900)
+            finished.set()
 
-    thread = threading.Thread(target=train)
-    thread.start()
-    deadline, killed, first_seen = time.monotonic() + 300, None, {}
-    while time.monotonic() < deadline and thread.is_alive() and killed is None:
-        events = read_events(events_path)
-        starts = [e for e in events if e["event"] == "start"]
-        checkpoints = [e["step"] for e in events if e["event"] == "checkpoint"]
-        steps = [e["step"] for e in events if e["event"] == "step"]
-        for step in checkpoints:
-            first_seen.setdefault(step, time.monotonic())
-        # a reported checkpoint is registered at the controller's next health check: let it settle
-        settled = checkpoints and time.monotonic() - first_seen[checkpoints[0]] >= 1.0
-        if settled and steps and steps[-1] > checkpoints[-1] and steps[-1] < tb.max_steps - 3:
-            assert len({e["node"] for e in starts}) == 2, starts  # SPREAD: one worker per node
-            killed = isolated_cluster.kill_node_raylet()
-        time.sleep(0.05)
-    assert killed is not None, "never reached a point to kill the node"
-    thread.join(timeout=400)
-    assert not thread.is_alive(), "training did not finish after losing the node"
-    assert "error" not in outcome, outcome.get("error")
+        thread = threading.Thread(target=run)
+        thread.start()
+        killed = _kill_at_first_checkpoint(isolated_cluster, f"{s3_bucket}/runs", 600, finished)
+        thread.join(timeout=960)
+        proc = outcome["proc"]
+        assert killed is not None, "no backbone checkpoint reached the bucket"
+        assert proc.returncode == 0 and "Completed" in proc.stdout, (
+            proc.stdout + proc.stderr + worker_log(stack)
+        )
 
-    events = read_events(events_path)
-    starts = [e for e in events if e["event"] == "start"]
-    resumed_at = starts[-1]["step"]
-    assert len(starts) == 4 and resumed_at > 0, starts  # two workers, two attempts
-    head = {n["NodeID"] for n in ray.nodes() if n["Alive"]} if ray.is_initialized() else None
-    assert head is None or {e["node"] for e in starts[2:]} <= head  # the second attempt: survivors only
-    checkpoints = [e["step"] for e in events if e["event"] == "checkpoint"]
-    assert resumed_at in checkpoints
-    assert_resumed_once(events, resumed_at, tb.max_steps)
-    fs, root = storage.resolve(f"{s3_bucket}/runs/spread")
-    objects = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))]
-    assert any(o.endswith("/state.pt") for o in objects), objects  # checkpoints in the bucket
-    assert outcome["result"].metrics["step"] == tb.max_steps
-    run = mlflow.MlflowClient(tracking_server).get_run(outcome["result"].run_id)
-    assert run.data.metrics, "rank 0 logged nothing to the tracking server"
+        # the backbone stage's console: both nodes at first, then the survivor from the checkpoint
+        lines = [ln for ln in (workdir / ".facepipe/logs/train-backbone.log").read_text().splitlines()
+                 if "facepipe train: attempt" in ln]  # fmt: skip
+        assert lines and lines[0].endswith("2 workers on 2 nodes, from step 0"), lines
+        resumed = [int(ln.rsplit(" ", 1)[1]) for ln in lines if "resuming from the checkpoint" in ln]
+        assert resumed and "on 1 node" in lines[-1], lines
+
+        summary = yaml.safe_load((workdir / "reports" / "pipeline-summary.json").read_text())
+        models = {m["name"]: m for m in summary["models"]}
+        assert set(models) == {"facepipe-backbone", "facepipe-probface"}, models
+        assert all(summary["benchmark"][m["uri"]] for m in models.values()), summary["benchmark"]
+        assert all("champion" in m["aliases"] for m in models.values()), models
+        client = mlflow.MlflowClient(tracking_server)
+        run = client.get_run(models["facepipe-backbone"]["run_id"])
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        steps = [m.step for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
+        assert_steps_resumed_once(steps, resumed[-1], max_steps)
+        objects = _objects(f"{s3_bucket}/")
+        assert any(o.endswith("/shards/manifest.json") for o in objects)  # decoded into the bucket
+        assert any("/runs/backbone-" in o and o.endswith("/state.pt") for o in objects)
+        assert any("/dvc/" in o for o in objects)  # the raw data's DVC remote
+
+        again = run_deployment(stack["env"], "pipeline/local", params, 600)
+        assert again.returncode == 0 and "Completed" in again.stdout, again.stdout + again.stderr
+        rerun = yaml.safe_load((workdir / "reports" / "pipeline-summary.json").read_text())
+        assert set(rerun["stages"].values()) == {"up to date"}, rerun["stages"]
+
+        versions = len(client.search_model_versions("name = 'facepipe-probface'"))
+        retrain = {"workdir": str(workdir), "ray_address": isolated_cluster.address,
+                   "overrides": ["train_uncertainty.epochs=1"]}  # fmt: skip
+        proc = run_deployment(stack["env"], "train-probface/local", retrain, 600)
+        assert proc.returncode == 0 and "Completed" in proc.stdout, proc.stdout + proc.stderr
+        found = client.search_model_versions("name = 'facepipe-probface'")
+        assert len(found) == versions + 1
+        newest = max(found, key=lambda v: int(v.version))
+        assert newest.run_id in artifact_markdown(stack["env"], "train-probface")

@@ -101,7 +101,7 @@ def test_ideal_curve_is_the_brute_force_of_an_ideal_quality(data, alpha, limit):
     # distinct values (no ties): false non-matches first, then everything else
     quality = list(np.arange(scores.size) + np.where(false_nm, 0, scores.size))
     grid = np.linspace(0.0, limit, 23)
-    res = ideal_edc(scores, issame, alpha, limit, grid)
+    res = ideal_edc(scores, issame, alpha, discard_limit=limit, discard=grid)
     for k, x in enumerate(grid):
         fnmr, _, _ = brute_rates(list(scores), labels, quality, tau, x)
         assert abs(res.fnmr[k] - fnmr) <= TOL

@@ -14,7 +14,7 @@ Each folder gets `protocol.json` ({"kind": "pairs" | "ijb" | "video", ...}) so `
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +87,19 @@ def read_lines(path: str | os.PathLike, what: str) -> list[str]:
 def bad_line(path: str | os.PathLike, lineno: int, message: str) -> DataError:
     """The one error a malformed protocol line gives: the file, the line number, what was expected."""
     return DataError(message, path=str(path), record=f"line {lineno}")
+
+
+def field_rows(
+    path: str | os.PathLike, what: str, counts: Container[int], expected: str
+) -> Iterator[tuple[int, list[str]]]:
+    """`(line number, fields)` of each non-blank line of a whitespace-separated list file.
+
+    A line whose field count is not in `counts` is the DataError "expected <expected>, got <n> fields".
+    """
+    for lineno, line in enumerate(read_lines(path, what), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) not in counts:
+            raise bad_line(path, lineno, f"expected {expected}, got {len(fields)} fields")
+        yield lineno, fields

@@ -26,7 +26,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from facepipe.data.protocols import align_files, bad_line, make_aligner, read_lines, write_protocol_info
+from facepipe.data.protocols import (
+    align_files,
+    bad_line,
+    field_rows,
+    make_aligner,
+    read_lines,
+    write_protocol_info,
+)
 from facepipe.errors import DataError
 from facepipe.fsutil import atomic_path
 
@@ -51,14 +58,8 @@ def _ints(path: Path, lineno: int, fields: list[str], what: str) -> list[int]:
 
 def read_tid_mid(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     names, tids, mids = [], [], []
-    for lineno, line in enumerate(read_lines(path, "template/media list"), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) not in (3, 4):
-            raise bad_line(
-                path, lineno, f"expected '<image> <template id> <media id>', got {len(fields)} fields"
-            )
+    expected = "'<image> <template id> <media id>'"
+    for lineno, fields in field_rows(path, "template/media list", (3, 4), expected):
         t, m = _ints(path, lineno, fields[1:3], "template and media ids")
         names.append(fields[0])
         tids.append(t)
@@ -68,14 +69,8 @@ def read_tid_mid(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 def read_pair_labels(path: Path) -> np.ndarray:
     rows = []
-    for lineno, line in enumerate(read_lines(path, "template pair list"), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 3:
-            raise bad_line(
-                path, lineno, f"expected '<template 1> <template 2> <0|1>', got {len(fields)} fields"
-            )
+    expected = "'<template 1> <template 2> <0|1>'"
+    for lineno, fields in field_rows(path, "template pair list", (3,), expected):
         t1, t2, label = _ints(path, lineno, fields, "template ids and label")
         if label not in (0, 1):
             raise bad_line(path, lineno, f"label must be 0 or 1, got {label}")
@@ -85,14 +80,8 @@ def read_pair_labels(path: Path) -> np.ndarray:
 
 def read_5pts(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     names, points, scores = [], [], []
-    for lineno, line in enumerate(read_lines(path, "landmark/score list"), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 12:
-            raise bad_line(
-                path, lineno, f"expected '<image> x1 y1 ... x5 y5 <score>' (12 fields), got {len(fields)}"
-            )
+    expected = "'<image> x1 y1 ... x5 y5 <score>' (12 fields)"
+    for lineno, fields in field_rows(path, "landmark/score list", (12,), expected):
         try:
             values = np.array([float(f) for f in fields[1:]], np.float64)
         except ValueError:

@@ -66,9 +66,10 @@ def read_ytf(
     splits_file: str | os.PathLike,
     out: str | os.PathLike,
     landmarks_file: str | os.PathLike | None = None,
+    *,
+    max_frames: int | None = None,
     template: str = "arcface",
     detector_model: str | None = None,
-    max_frames: int | None = None,
 ) -> dict:
     """Align the frames of every video the splits name and write the frame and video-pair tables."""
     root, out = Path(root), Path(out)

@@ -1,6 +1,7 @@
 """Face-recognition backbones. Each returns the embedding from ``forward`` and exposes
 ``forward_features(x) -> (embedding, final conv map)`` plus ``embedding_size``, ``feature_channels``,
-``input_size`` (h, w) and ``feature_size`` (h, w of the final conv map)."""
+``input_size`` (h, w) and ``feature_size`` (h, w of the final conv map); ``base.Backbone`` provides
+these on top of each net's ``feature_map`` and ``embed``."""
 
 from facepipe.models.backbones.iresnet import IRESNET_LAYERS, IResNet, iresnet
 from facepipe.models.backbones.mobilefacenet import MobileFaceNet, mobilefacenet

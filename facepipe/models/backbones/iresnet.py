@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from facepipe.models.backbones.base import TINY_OPTIONS, Backbone, preset
+
 __all__ = ["IBasicBlock", "IResNet", "IRESNET_LAYERS", "iresnet"]
 
 IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
@@ -53,13 +55,7 @@ class IBasicBlock(nn.Module):
         return out + identity
 
 
-def _out_size(size: int, n_stages: int = 4) -> int:
-    for _ in range(n_stages):
-        size = (size - 1) // 2 + 1  # 3x3 conv, padding 1, stride 2
-    return size
-
-
-class IResNet(nn.Module):
+class IResNet(Backbone):
     def __init__(
         self,
         layers: tuple[int, ...] = (3, 4, 14, 3),
@@ -69,20 +65,13 @@ class IResNet(nn.Module):
         input_size: tuple[int, int] = (112, 112),
         stem_stride: int = 1,
     ):
-        super().__init__()
         if len(layers) != 4 or min(layers) < 1:
             raise ValueError(f"IResNet needs four stage depths >= 1, got {layers}")
         if stem_stride not in (1, 2):
             raise ValueError(f"IResNet stem_stride must be 1 or 2, got {stem_stride}")
         channels = [max(1, round(c * width)) for c in (64, 64, 128, 256, 512)]
-        self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.embedding_size = int(embedding_size)
-        self.feature_channels = channels[-1]
-        stages_total = 4 if stem_stride == 1 else 5
-        self.feature_size = (
-            _out_size(self.input_size[0], stages_total),
-            _out_size(self.input_size[1], stages_total),
-        )
+        steps = 4 if stem_stride == 1 else 5  # a stride-2 stem halves the input once more
+        super().__init__(embedding_size, input_size, channels[-1], downsampling_steps=steps)
 
         self.conv1 = _conv3x3(3, channels[0], stem_stride)
         self.bn1 = nn.BatchNorm2d(channels[0], eps=1e-5)
@@ -121,20 +110,11 @@ class IResNet(nn.Module):
         x = torch.flatten(self.bn2(fmap), 1)
         return self.features(self.fc(self.dropout(x)))
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.feature_map(x)
-        return self.embed(fmap), fmap
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.feature_map(x))
-
 
 def iresnet(name: str, **kw) -> IResNet:
-    if name not in IRESNET_LAYERS:
-        raise ValueError(f"unknown IResNet {name!r}; known: {sorted(IRESNET_LAYERS)}")
+    layers = preset("IResNet", name, IRESNET_LAYERS)
     if name.startswith("iresnet_tiny"):
-        kw.setdefault("width", 0.25)
-        kw.setdefault("embedding_size", 128)
+        kw = {**TINY_OPTIONS, **kw}
     if name == "iresnet_tiny_s2":
         kw.setdefault("stem_stride", 2)
-    return IResNet(IRESNET_LAYERS[name], **kw)
+    return IResNet(layers, **kw)

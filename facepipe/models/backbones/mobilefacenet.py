@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from facepipe.models.backbones.base import Backbone, preset
+
 __all__ = ["MobileFaceNet", "mobilefacenet"]
 
 
@@ -47,13 +49,7 @@ def _residual(channels: int, n: int, groups: int) -> nn.Sequential:
     return nn.Sequential(*[DepthWise(channels, channels, groups, stride=1, residual=True) for _ in range(n)])
 
 
-def _out_size(size: int) -> int:
-    for _ in range(4):
-        size = (size - 1) // 2 + 1
-    return size
-
-
-class MobileFaceNet(nn.Module):
+class MobileFaceNet(Backbone):
     def __init__(
         self,
         blocks: tuple[int, int, int, int] = (1, 4, 6, 2),
@@ -63,13 +59,9 @@ class MobileFaceNet(nn.Module):
         feature_channels: int = 512,
         group_width: float = 1.0,
     ):
-        super().__init__()
+        super().__init__(embedding_size, input_size, feature_channels)
         g = [max(1, round(c * group_width)) for c in (64, 128, 256, 512)]
         c1, c2 = 64 * scale, 128 * scale
-        self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.embedding_size = int(embedding_size)
-        self.feature_channels = int(feature_channels)
-        self.feature_size = (_out_size(self.input_size[0]), _out_size(self.input_size[1]))
         layers: list[nn.Module] = [_conv_bn(3, c1, 3, 2, 1)]
         if blocks[0] == 1:
             layers.append(_conv_bn(c1, c1, 3, 1, 1, groups=g[0]))
@@ -109,13 +101,6 @@ class MobileFaceNet(nn.Module):
     def embed(self, fmap: torch.Tensor) -> torch.Tensor:
         return self.features(self.linear(torch.flatten(self.gdc(fmap), 1)))
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.feature_map(x)
-        return self.embed(fmap), fmap
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.feature_map(x))
-
 
 def mobilefacenet(name: str = "mobilefacenet", **kw) -> MobileFaceNet:
     presets = {
@@ -129,6 +114,4 @@ def mobilefacenet(name: str = "mobilefacenet", **kw) -> MobileFaceNet:
             "embedding_size": 128,
         },
     }
-    if name not in presets:
-        raise ValueError(f"unknown MobileFaceNet {name!r}; known: {sorted(presets)}")
-    return MobileFaceNet(**{**presets[name], **kw})
+    return MobileFaceNet(**{**preset("MobileFaceNet", name, presets), **kw})

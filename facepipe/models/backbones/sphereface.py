@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from facepipe.models.backbones.base import TINY_OPTIONS, Backbone, preset
+
 __all__ = ["SFNet", "SPHERE_UNITS", "sfnet"]
 
 SPHERE_UNITS: dict[str, tuple[int, int, int, int]] = {
@@ -41,13 +43,7 @@ class SphereUnit(nn.Module):
         return x + self.body(x)
 
 
-def _out_size(size: int) -> int:
-    for _ in range(4):
-        size = (size - 1) // 2 + 1
-    return size
-
-
-class SFNet(nn.Module):
+class SFNet(Backbone):
     def __init__(
         self,
         units: tuple[int, ...] = (1, 2, 4, 1),
@@ -56,14 +52,10 @@ class SFNet(nn.Module):
         width: float = 1.0,
         batch_norm: bool = False,
     ):
-        super().__init__()
         if len(units) != 4 or min(units) < 0:
             raise ValueError(f"SFNet needs four unit counts >= 0, got {units}")
         channels = [max(1, round(c * width)) for c in (64, 128, 256, 512)]
-        self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.embedding_size = int(embedding_size)
-        self.feature_channels = channels[-1]
-        self.feature_size = (_out_size(self.input_size[0]), _out_size(self.input_size[1]))
+        super().__init__(embedding_size, input_size, channels[-1])
         stages = []
         cin = 3
         for n_units, cout in zip(units, channels, strict=True):
@@ -98,18 +90,9 @@ class SFNet(nn.Module):
     def embed(self, fmap: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(fmap, 1))
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.feature_map(x)
-        return self.embed(fmap), fmap
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.feature_map(x))
-
 
 def sfnet(name: str, **kw) -> SFNet:
-    if name not in SPHERE_UNITS:
-        raise ValueError(f"unknown SphereFace net {name!r}; known: {sorted(SPHERE_UNITS)}")
+    units = preset("SphereFace net", name, SPHERE_UNITS)
     if name == "sphereface_tiny":
-        kw.setdefault("width", 0.25)
-        kw.setdefault("embedding_size", 128)
-    return SFNet(SPHERE_UNITS[name], **kw)
+        kw = {**TINY_OPTIONS, **kw}
+    return SFNet(units, **kw)

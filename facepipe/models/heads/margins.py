@@ -21,7 +21,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "safe_acos",
@@ -45,7 +45,7 @@ __all__ = [
 _GRAD_EPS = 1e-6
 
 
-def safe_acos(x: torch.Tensor, eps: float = _GRAD_EPS) -> torch.Tensor:
+def safe_acos(x: Tensor, eps: float = _GRAD_EPS) -> Tensor:
     """``acos`` of ``x`` clamped to [-1, 1], exact in value, with a finite gradient at ±1.
 
     The gradient is that of ``acos`` at ``x`` pulled ``eps`` inside the interval.
@@ -55,7 +55,7 @@ def safe_acos(x: torch.Tensor, eps: float = _GRAD_EPS) -> torch.Tensor:
     return inner + (exact - inner).detach()
 
 
-def safe_sin_from_cos(x: torch.Tensor, eps: float = _GRAD_EPS) -> torch.Tensor:
+def safe_sin_from_cos(x: Tensor, eps: float = _GRAD_EPS) -> Tensor:
     """``sqrt(1 - x²)`` (= sin θ for θ in [0, π]), exact in value, finite gradient at ``x = ±1``."""
     exact = torch.sqrt((1.0 - x * x).clamp(min=0.0))
     xc = x.clamp(-1.0 + eps, 1.0 - eps)
@@ -63,12 +63,12 @@ def safe_sin_from_cos(x: torch.Tensor, eps: float = _GRAD_EPS) -> torch.Tensor:
     return inner + (exact - inner).detach()
 
 
-def flat_labels(labels: torch.Tensor) -> torch.Tensor:
+def flat_labels(labels: Tensor) -> Tensor:
     """Labels as a 1-D int64 tensor (accepts the ``(N, 1)`` layout PartialFC uses)."""
     return labels.reshape(-1).long()
 
 
-def target_mask(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def target_mask(cos: Tensor, labels: Tensor) -> Tensor:
     """Boolean ``(B, C)`` mask of the target entries; rows labelled -1 have none."""
     labels = flat_labels(labels)
     if labels.shape[0] != cos.shape[0]:
@@ -82,23 +82,23 @@ def target_mask(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _replace_target(cos: torch.Tensor, mask: torch.Tensor, new_target: torch.Tensor) -> torch.Tensor:
+def _replace_target(cos: Tensor, mask: Tensor, new_target: Tensor) -> Tensor:
     """``cos`` with its target entries replaced by the same-shaped ``new_target`` (out of place)."""
     return torch.where(mask, new_target, cos)
 
 
-def normface_logits(cos: torch.Tensor, labels: torch.Tensor | None = None, s: float = 64.0) -> torch.Tensor:
+def normface_logits(cos: Tensor, labels: Tensor | None = None, s: float = 64.0) -> Tensor:
     """NormFace / normalised softmax: ``s·cos θ`` everywhere."""
     return cos * s
 
 
-def cosface_logits(cos: torch.Tensor, labels: torch.Tensor, s: float = 64.0, m: float = 0.4) -> torch.Tensor:
+def cosface_logits(cos: Tensor, labels: Tensor, s: float = 64.0, m: float = 0.4) -> Tensor:
     """CosFace: target ``s·(cos θ_y − m)``, other entries ``s·cos θ``."""
     mask = target_mask(cos, labels)
     return _replace_target(cos, mask, cos - m) * s
 
 
-def _arc_target(cos: torch.Tensor, m: float, form: str, easy_margin: bool) -> torch.Tensor:
+def _arc_target(cos: Tensor, m: float, form: str, easy_margin: bool) -> Tensor:
     """``cos(θ + m)`` for every entry, with the chosen behaviour when ``θ + m > π``."""
     cos_m, sin_m = math.cos(m), math.sin(m)
     shifted = cos * cos_m - safe_sin_from_cos(cos) * sin_m
@@ -114,13 +114,13 @@ def _arc_target(cos: torch.Tensor, m: float, form: str, easy_margin: bool) -> to
 
 
 def arcface_logits(
-    cos: torch.Tensor,
-    labels: torch.Tensor,
+    cos: Tensor,
+    labels: Tensor,
     s: float = 64.0,
     m: float = 0.5,
     form: str = "legacy",
     easy_margin: bool = False,
-) -> torch.Tensor:
+) -> Tensor:
     """ArcFace: target ``s·cos(θ_y + m)``.
 
     ``form="head"`` is InsightFace's current code (no handling of ``θ + m > π``: the target is
@@ -136,20 +136,15 @@ def arcface_logits(
 
 
 def combined_margin_logits(
-    cos: torch.Tensor,
-    labels: torch.Tensor,
-    s: float = 64.0,
-    m1: float = 1.0,
-    m2: float = 0.5,
-    m3: float = 0.0,
-) -> torch.Tensor:
+    cos: Tensor, labels: Tensor, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0
+) -> Tensor:
     """True combined margin (InsightFace MXNet): target ``s·(cos(m1·θ_y + m2) − m3)``, no fallback."""
     mask = target_mask(cos, labels)
     target = torch.cos(m1 * safe_acos(cos) + m2) - m3
     return _replace_target(cos, mask, target) * s
 
 
-def _interclass_filter(cos: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+def _interclass_filter(cos: Tensor, mask: Tensor, threshold: float) -> Tensor:
     """Zero non-target entries above ``threshold`` (likely label noise), as InsightFace's filter does.
 
     Rows without a local target (label -1) have every entry above the threshold zeroed, like the reference.
@@ -159,15 +154,15 @@ def _interclass_filter(cos: torch.Tensor, mask: torch.Tensor, threshold: float) 
 
 
 def insightface_combined_logits(
-    cos: torch.Tensor,
-    labels: torch.Tensor,
+    cos: Tensor,
+    labels: Tensor,
     s: float = 64.0,
     m1: float = 1.0,
     m2: float = 0.5,
     m3: float = 0.0,
     interclass_filtering_threshold: float = 0.0,
     form: str = "head",
-) -> torch.Tensor:
+) -> Tensor:
     """InsightFace arcface_torch ``CombinedMarginLoss`` behaviour (compatibility mode).
 
     Quirks kept on purpose: with ``m3 > 0`` it is CosFace with margin ``m3`` and **m2 and m1 are ignored**;
@@ -227,13 +222,13 @@ class MarginHead(nn.Module):
         """Sum batch statistics over the workers of ``group`` (every worker must then call ``margin``)."""
         self.stats_sync, self.stats_group = True, group
 
-    def _sum_over_workers(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _sum_over_workers(self, tensor: Tensor) -> Tensor:
         if self.stats_sync and dist.is_available() and dist.is_initialized():
             tensor = tensor.clone()
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.stats_group)
         return tensor
 
-    def cosine(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cosine(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
         """``(cos θ (B, C), embedding norms (B, 1))`` against the normalised class centres."""
         if self.weight is None:
             raise RuntimeError(f"{type(self).__name__} was built margin-only; call margin(cos, labels)")
@@ -242,19 +237,19 @@ class MarginHead(nn.Module):
         return cos.clamp(-1.0, 1.0), norms
 
     def margin(
-        self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None = None
-    ) -> torch.Tensor:  # pragma: no cover - abstract
+        self, cos: Tensor, labels: Tensor, norms: Tensor | None = None
+    ) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         cos, norms = self.cosine(embeddings)
         return self.margin(cos, labels, norms)
 
-    def logits_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def logits_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The head's loss on its own logits (softmax CE; rows labelled -1 are ignored)."""
         return F.cross_entropy(logits, flat_labels(labels), ignore_index=-1)
 
-    def loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return self.logits_loss(self(embeddings, labels), labels)
 
 
