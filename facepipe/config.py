@@ -304,6 +304,9 @@ class EvalConfig(Section):
     edc_discard_max: float = Field(0.5, gt=0.0, le=1.0)
     # what a discard fraction is a fraction of: all comparisons, or (ISO FNMR-EDC) the mated ones
     edc_population: Literal["all", "mated"] = "all"
+    # a local folder keeping a frozen backbone's outputs on evaluation images, so every model on that
+    # backbone embeds each image once (facepipe.eval.embed_cache); None: no cache
+    embedding_cache: str | None = None
 
 
 class TrackingConfig(Section):

@@ -1,11 +1,14 @@
 """`benchmark` flow: score registered models on the verification pair tables, then move `champion`.
 
 Each model version is benchmarked once per data version and evaluation settings (the stage marker
-pins both), writing `<paths.reports>/<model>-v<version>/` (metrics JSON + PNG plots). For every model
-name, the versions scored in this run (the ones asked for, plus the current champion and challenger)
-are compared on the model's champion metric (`facepipe.tracking.champion_metric`: verification accuracy
-for backbones, EDC pAUC for uncertainty heads, each in its direction) and `champion` goes to the best;
-the numbers are returned for the pipeline's summary.
+pins both) by one `facepipe evaluate` process, writing `<paths.reports>/<model>-v<version>/` (metrics
+JSON + PNG plots, and the features `facepipe compare` reuses) with the protocol sets' reports inside.
+The backbone's outputs are cached (`<paths.features>/eval-embeddings`), so the heads on one backbone
+run only their head. For every model name, the versions scored in this run (the ones asked for, plus
+the current champion and challenger) are compared on the model's champion metric
+(`facepipe.tracking.champion_metric`: verification accuracy for backbones, EDC pAUC for uncertainty
+heads, each in its direction) and `champion` goes to the best; the numbers are returned for the
+pipeline's summary.
 """
 
 from __future__ import annotations
@@ -15,30 +18,52 @@ from typing import Any
 
 from prefect import flow
 
+from facepipe.eval.embed_cache import FOLDER as CACHE_FOLDER
 from facepipe.orchestration.registry import benchmark_score
 from facepipe.orchestration.reports import read_metrics, report_dir
 from facepipe.orchestration.settings import FlowSettings
-from facepipe.orchestration.stage_process import StageFailed, cli_supports
+from facepipe.orchestration.stage_process import StageFailed
+from facepipe.storage import is_remote
 from facepipe.tracking import champion_metric, model_names
 from flows.stages import move_champion, publish_links, registered_model, run_stage
 
 
-def benchmark_argv(s: FlowSettings, model_uri: str, data: str, out: str) -> list[str]:
-    return ["evaluate", "--model", model_uri, "--shards", data, "--out", out, *s.config_args()]
+def benchmark_argv(
+    s: FlowSettings, model_uri: str, data: str, out: str, protocols: list[str] | None = None
+) -> list[str]:
+    """One `facepipe evaluate` per model: the pair tables into `out`, each protocol folder into
+    `out/<folder name>`, the backbone's outputs shared with the other models through the cache."""
+    argv = ["evaluate", "--model", model_uri, "--shards", data, "--out", out]
+    for folder in protocols or []:
+        argv += ["--protocol", folder]
+    return [*argv, "--embedding-cache", embedding_cache(s), *s.config_args()]
 
 
-def protocol_argv(s: FlowSettings, model_uri: str, protocol: str, out: str) -> list[str]:
-    return ["evaluate", "--model", model_uri, "--protocol", protocol, "--out", out, *s.config_args()]
+def embedding_cache(s: FlowSettings) -> str:
+    """`eval.embedding_cache` when set, else `<paths.features>/eval-embeddings`, or a folder in the
+    workdir when the features live in object storage (the cache is local by design)."""
+    features = s.config.paths.features
+    if s.config.eval.embedding_cache:
+        return s.config.eval.embedding_cache
+    if is_remote(features):
+        return str(Path(s.workdir) / ".facepipe" / CACHE_FOLDER)
+    return str(Path(features) / CACHE_FOLDER)
 
 
 def protocol_folders(s: FlowSettings) -> dict[str, str]:
-    """The template/video protocol sets `facepipe synth --protocols` wrote beside the raw dataset."""
+    """The template/video protocol sets `facepipe synth --protocols` wrote beside the raw dataset, by
+    folder name (the name of each one's report folder)."""
     root = Path(s.config.paths.raw) / "protocols"
     return {kind: str(root / kind) for kind in ("ijb", "video") if (Path(s.workdir) / root / kind).is_dir()}
 
 
-def compare_argv(s: FlowSettings, model_uris: list[str], data: str, out: str) -> list[str]:
-    return ["compare", "--models", *model_uris, "--shards", data, "--out", out, *s.config_args()]
+def compare_argv(
+    s: FlowSettings, model_uris: list[str], data: str, out: str, reports: list[str] | None = None
+) -> list[str]:
+    """`facepipe compare` of the heads; with `reports` (their benchmark folders, same order) it reuses
+    the features those evaluations saved instead of embedding every head again."""
+    argv = ["compare", "--models", *model_uris, "--shards", data, "--out", out]
+    return [*argv, *(["--reports", *reports] if reports else []), *s.config_args()]
 
 
 def _candidates(s: FlowSettings, models: list[str] | None) -> list[dict[str, Any]]:
@@ -78,38 +103,23 @@ def benchmark(
     Returns {reports: {uri: {dir, metrics, model}}, champions, stages, comparison}.
     """
     s = FlowSettings(workdir, params, overrides)
-    if not cli_supports(["evaluate"], "--model"):
-        reason = "this facepipe's `evaluate` cannot score a registered model yet (no --model)"
-        print(f"benchmark skipped: {reason}")
-        return {"reports": {}, "stages": [], "skipped": reason}
     data = data or s.config.paths.shards
     resolved = _candidates(s, models)
     protocols = protocol_folders(s) if run_protocols else {}
     reports, stages = {}, []
     for model in resolved:
         out = report_dir(s.config.paths.reports, model)
+        # one process per version: one model load scores the pair tables and every protocol set
         stage = run_stage(
             f"benchmark-{model['name']}-v{model['version']}",
-            benchmark_argv(s, model["uri"], data, out),
+            benchmark_argv(s, model["uri"], data, out, list(protocols.values())),
             s.workdir,
-            deps=[data],
-            outs=[out],
+            deps=[data, *protocols.values()],
+            outs=[out, *(f"{out}/{name}" for name in protocols)],
             params={"eval": s.section("eval"), "model": model["uri"]},
             **s.tracking,
         )
         stages.append(stage)
-        for kind, folder in protocols.items():  # IJB 1:1 + 1:N, video set-to-set: each its own report
-            stages.append(
-                run_stage(
-                    f"benchmark-{model['name']}-v{model['version']}-{kind}",
-                    protocol_argv(s, model["uri"], folder, f"{out}/{kind}"),
-                    s.workdir,
-                    deps=[folder],
-                    outs=[f"{out}/{kind}"],
-                    params={"eval": s.section("eval"), "model": model["uri"]},
-                    **s.tracking,
-                )
-            )
         out_dir = Path(s.workdir) / out
         reports[model["uri"]] = {"dir": str(out_dir), "metrics": read_metrics(out_dir), "model": model}
     champions = {}
@@ -129,11 +139,11 @@ def benchmark(
             )
     comparison = None
     heads = [m["uri"] for m in resolved if m["name"] != model_names()["backbone"]]
-    if heads and cli_supports(["compare"], "--models"):
+    if heads:
         # every head (same backbone) and the quality baselines side by side: EDC, risk, accuracy
         out = str(Path(s.config.paths.reports) / "comparison")
         params = {"eval": s.section("eval"), "models": heads}
-        argv = compare_argv(s, heads, data, out)
+        argv = compare_argv(s, heads, data, out, [reports[uri]["dir"] for uri in heads])
         try:
             stages.append(
                 run_stage("benchmark-compare", argv, s.workdir, [data], [out], params, **s.tracking)

@@ -1,12 +1,17 @@
 """`facepipe compare`: several uncertainty heads on one backbone and the quality baselines, one report.
 
     facepipe compare --models models:/facepipe-pfe@champion models:/facepipe-probface@champion ...
-                     --shards DIR --out DIR [--far 1e-3] [--reject 0.2] [--no-mlflow] [--config P] [k=v ...]
+                     --shards DIR --out DIR [--reports DIR ...] [--far 1e-3] [--reject 0.2] [--no-mlflow]
+                     [--config P] [k=v ...]
 
 Writes OUT/comparison.html (static, figures embedded), OUT/comparison.md (one table per pair table),
 OUT/comparison.json (the rows), OUT/<table>/edc_fmr_<α>.png and risk.png, and each model's full report
 under OUT/models/<method>/<table>/. The files are logged as artefacts (folder ``comparison``) of an MLflow
 run with the tag stage=compare, with each row's pAUC and accuracy as metrics.
+
+With --reports (each model's `facepipe evaluate --model` folder), the features those evaluations saved
+are used where they match the model, pair table and flip; the rest are embedded (through the embedding
+cache of ``eval.embedding_cache`` when set).
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--reject", type=float, default=0.2, help="rejected fraction of the risk-controlled column (0.2)"
     )
+    parser.add_argument(
+        "--reports", nargs="+", type=Path, default=None, metavar="DIR",
+        help="each model's `facepipe evaluate --model` report, in --models order: its saved features are "
+        "used where they match (same weights, pair table and flip) instead of embedding again",
+    )  # fmt: skip
     parser.add_argument("--no-mlflow", action="store_true", help="do not log a comparison run")
     options.finish(parser, run)
 
@@ -50,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from facepipe import tracking
     from facepipe.commands.evaluate import is_model_uri
     from facepipe.data.dataset import Dataset
-    from facepipe.eval.compare import CompareSettings, compare_table, method_labels
+    from facepipe.eval.compare import CompareSettings, compare_table, method_labels, table_features
+    from facepipe.eval.embed_cache import EmbeddingCache
     from facepipe.eval.model_features import load_eval_model
     from facepipe.eval.report import write_metrics
     from facepipe.eval.verification import FAR_LEVELS
@@ -64,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         raise FacepipeError(
             f"--far must be one of {', '.join(f'{f:g}' for f in FAR_LEVELS)}, got {args.far:g}"
         )
+    if args.reports is not None and len(args.reports) != len(args.models):
+        counts = f"{len(args.models)} models, {len(args.reports)} folders"
+        raise FacepipeError(f"--reports needs one folder per model, in --models order ({counts})")
     dataset = Dataset.at(args.shards)
     tables = dataset.pair_tables
     if not tables:
@@ -80,7 +94,11 @@ def run(args: argparse.Namespace) -> int:
             )
             models.append(load_eval_model(local or source, source))
         labels = method_labels(models)
-        comparisons = [compare_table(models, labels, path, args.out, settings) for path in tables.values()]
+        cache = EmbeddingCache.at(config.eval.embedding_cache)  # for models whose features are not saved
+        comparisons = []
+        for path in tables.values():
+            features = table_features(models, labels, Path(path), settings, args.reports, cache)
+            comparisons.append(compare_table(models, labels, path, args.out, settings, features))
     paths = _write_report(comparisons, settings, args.out)
     paths.append(
         write_metrics(

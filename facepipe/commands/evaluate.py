@@ -57,7 +57,17 @@ def register(subparsers) -> None:
         help="decoded dataset (folder or URI: s3://bucket/shards) whose pairs/*.parquet --model scores",
     )
     parser.add_argument(
-        "--protocol", type=Path, help="protocol folder (IJB or video tables) --model is scored on"
+        "--protocol",
+        type=Path,
+        action="append",
+        help="protocol folder (IJB or video tables) --model is scored on; repeatable, and beside --shards "
+        "or another --protocol each report goes to OUT/<folder name>",
+    )
+    config_flag(
+        parser,
+        "--embedding-cache",
+        key="eval.embedding_cache",
+        help="keep the backbone's outputs in this local folder, reused by every model on the same backbone",
     )
     parser.add_argument(
         "--protocols",
@@ -111,9 +121,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model is not None:
         return _run_model(args)
-    if args.video is not None:
-        from facepipe.commands.evaluate_protocols import run_video
+    from facepipe.commands.evaluate_protocols import file_label, run_templates, run_video
 
+    if args.video is not None:
         metrics, paths = run_video(args, args.video)
         head = {
             f"{name} fusion": f"acc {m['accuracy']:.4f} ± {m['std']:.4f}, AUC {m['auc']:.4f}"
@@ -126,23 +136,15 @@ def run(args: argparse.Namespace) -> int:
             "VAL@FAR=1e-3": f"{metrics['insightface']['val']:.5f}",
         }
     else:
-        metrics, paths = _run_templates(args)
+        metrics, paths = run_templates(args)
         head = {f"TAR@FAR={k}": f"{v:.4f}" for k, v in metrics.get("tar_at_far_nearest", {}).items()}
         if "identification" in metrics:
             ident = metrics["identification"]
             head |= {f"1:N {k}": f"{v:.4f}" for k, v in ident["closed_set"].items()}
             head |= {f"TPIR@FPIR={k}": f"{v:.4f}" for k, v in ident.get("open_set", {}).items()}
-    lines = head | {_label(p, args.out): str(p) for p in paths}
+    lines = head | {file_label(p, args.out): str(p) for p in paths}
     print(summary(f"facepipe evaluate: wrote {len(paths)} files to {args.out}", lines))
     return 0
-
-
-def _label(path: Path, out: Path) -> str:
-    """A written file's name in the summary: its path under --out (identification/metrics.json, ...)."""
-    try:
-        return str(Path(path).relative_to(out))
-    except ValueError:
-        return Path(path).name
 
 
 def _run_pairs(args: argparse.Namespace):
@@ -183,84 +185,6 @@ def _eval_config(args: argparse.Namespace):
     return ev
 
 
-def _run_templates(args: argparse.Namespace, data: dict | None = None):
-    from facepipe.commands.evaluate_protocols import run_identification, wants
-    from facepipe.eval.ijb import aggregate_insightface, verify_templates
-    from facepipe.eval.report import plot_det, plot_roc, write_metrics
-    from facepipe.npz import load_npz
-
-    path = args.templates
-    if data is None:
-        if not path.is_file():
-            raise DataError("templates file not found", path=path)
-        data = load_npz(path, "templates")  # names the file on a truncated or non-zip .npz
-    missing = [k for k in ("embeddings", "templates", "medias", "p1", "p2", "label") if k not in data]
-    if missing:
-        raise DataError(f"templates file lacks {missing}", path=path)
-    try:
-        if args.fusion == "insightface":
-            feats, uniq = aggregate_insightface(
-                data["embeddings"],
-                data["templates"],
-                data["medias"],
-                data.get("flipped"),
-                data.get("faceness"),
-            )
-            res = verify_templates(feats, uniq, data["p1"], data["p2"], data["label"])
-        else:
-            res, uniq = _fused_templates(args.fusion, data, path)
-    except ValueError as err:
-        raise DataError(str(err), path=path) from err
-    name = args.name or path.stem
-    metrics = {"name": name, "fusion": args.fusion, "n_templates": int(uniq.shape[0])}
-    out = Path(args.out)
-    label = (
-        "cosine (InsightFace templates)" if args.fusion == "insightface" else f"{args.fusion} fusion + score"
-    )
-    paths = []
-    if wants(args, "1:1"):
-        metrics |= res.metrics()
-        paths += [
-            plot_roc({label: (res.fpr, res.tpr)}, out / "roc.png", f"{name}: template ROC"),
-            plot_det({label: (res.fpr, res.tpr)}, out / "det.png", f"{name}: template DET"),
-        ]
-    if wants(args, "1:n") and args.fusion == "insightface":
-        feats, uniq = aggregate_insightface(
-            data["embeddings"], data["templates"], data["medias"], data.get("flipped"), data.get("faceness")
-        )
-        ident, ident_paths = run_identification(args, data, path, feats, uniq, out)
-        if ident is not None:
-            metrics["identification"] = ident
-            paths += ident_paths
-    paths.insert(0, write_metrics(out, metrics))
-    return metrics, paths
-
-
-def _fused_templates(method: str, data: dict, path: Path):
-    """Templates fused by an uncertainty method's own ``fuse`` and scored by its ``pair_score``."""
-    import numpy as np
-
-    from facepipe.eval.ijb import aggregate_with, verify_templates
-    from facepipe.eval.scoring import numpy_callable
-    from facepipe.eval.verification import l2_normalize
-    from facepipe.uncertainty.registry import get_method
-
-    spec = get_method(method)
-    if "uncertainty" not in data:
-        raise DataError(
-            f"--fusion {method} needs an 'uncertainty' array ({spec.uncertainty_kind})", path=path
-        )
-    emb = data["embeddings"] if data.get("flipped") is None else data["embeddings"] + data["flipped"]
-    mu = l2_normalize(emb)
-    unc = np.asarray(data["uncertainty"], dtype=np.float64).reshape(mu.shape[0], -1)
-    unc = spec.to_stored(unc)  # the file stores e.g. 1/κ; the method fuses and scores its own u (κ)
-    mu_t, unc_t, uniq = aggregate_with(mu, unc, data["templates"], numpy_callable(spec.fuse))
-    res = verify_templates(
-        mu_t, uniq, data["p1"], data["p2"], data["label"], numpy_callable(spec.pair_score), unc_t
-    )
-    return res, uniq
-
-
 def _shards_location(text: str) -> Path | str:
     """--shards: a local folder (Path) or an object-storage URI (kept as text)."""
     from facepipe.storage import is_remote
@@ -284,19 +208,16 @@ def is_model_uri(source: str) -> bool:
 
 
 def _run_model(args: argparse.Namespace) -> int:
-    """`--model`: embed every pair table of --shards with the model, then the pair-table report."""
+    """`--model`: one model load scores the pair tables of --shards and each --protocol folder."""
     import tempfile
-    import time
 
     from facepipe import tracking
-    from facepipe.eval import metrics as M
-    from facepipe.eval.model_features import evaluate_model, load_eval_model
-    from facepipe.eval.pairs import eval_options, score_names
-    from facepipe.progress import summary
+    from facepipe.commands.evaluate_protocols import protocol_report
+    from facepipe.eval.embed_cache import EmbeddingCache
+    from facepipe.eval.model_features import load_eval_model
 
-    if args.protocol is not None:
-        return _run_model_protocol(args)
-    if args.shards is None:
+    protocols = _protocol_outs(args)
+    if args.shards is None and not protocols:
         raise FacepipeError(
             "--model needs --shards DIR (a decoded dataset with pairs/*.parquet) or --protocol DIR"
         )
@@ -304,16 +225,47 @@ def _run_model(args: argparse.Namespace) -> int:
         raise DataError("shards folder not found", path=args.shards)
     config = load(args)
     config.eval = _eval_config(args)
-    options = eval_options(config.eval)  # the settings the training stages evaluate with
-    start = time.monotonic()
+    cache = EmbeddingCache.at(config.eval.embedding_cache)
     with tempfile.TemporaryDirectory(prefix="facepipe-eval-") as tmp:
         # the command resolves a model URI into a local folder, so evaluation never talks to MLflow
         local = (
             tracking.download_model(args.model, config.tracking, tmp) if is_model_uri(args.model) else None
         )
         model = load_eval_model(local or args.model, args.model)
-        shards = args.shards if isinstance(args.shards, Path) else fetch_pair_tables(args.shards, tmp)
-        tables, paths = evaluate_model(model, shards, args.out, **options)
+        if args.shards is not None:
+            shards = args.shards if isinstance(args.shards, Path) else fetch_pair_tables(args.shards, tmp)
+            _pair_tables_report(args, model, shards, config.eval, cache)
+        for folder, out in protocols.items():
+            protocol_report(args, model, folder, out, config.eval, cache)
+    return 0
+
+
+def _protocol_outs(args: argparse.Namespace) -> dict[Path, Path]:
+    """Each --protocol folder and its report folder: OUT for a lone one, else OUT/<folder name>."""
+    folders = list(args.protocol or [])
+    for folder in folders:
+        if not folder.is_dir():
+            raise DataError("protocol folder not found", path=folder)
+    if len(folders) == 1 and args.shards is None:
+        return {folders[0]: args.out}
+    names = [f.name for f in folders]
+    if len(set(names)) < len(names):
+        raise FacepipeError(f"--protocol folders need distinct names (reports go to OUT/<name>): {names}")
+    return {f: args.out / f.name for f in folders}
+
+
+def _pair_tables_report(args: argparse.Namespace, model, shards: Path, ev, cache) -> None:
+    """Embed every pair table of `shards` and write the report into --out; print its summary."""
+    import time
+
+    from facepipe.eval import metrics as M
+    from facepipe.eval.model_features import evaluate_model
+    from facepipe.eval.pairs import eval_options, score_names
+    from facepipe.progress import summary
+
+    start = time.monotonic()
+    # the settings the training stages evaluate with
+    tables, paths = evaluate_model(model, shards, args.out, **{**eval_options(ev), "cache": cache})
     lines = {"model": args.model + (f" ({model.method} head)" if model.method else " (backbone)")}
     for name, m in tables.items():
         text = f"acc {m[M.ACCURACY]:.4f} ± {m[M.STD]:.4f}"
@@ -328,48 +280,3 @@ def _run_model(args: argparse.Namespace) -> int:
     lines["report"] = str(args.out / "metrics.json")
     lines["files"] = f"{len(paths)} ({time.monotonic() - start:.1f} s)"
     print(summary(f"facepipe evaluate: {args.model} on {len(tables)} pair tables", lines))
-    return 0
-
-
-def _run_model_protocol(args: argparse.Namespace) -> int:
-    """`--model --protocol DIR`: embed the folder's images, keep them as OUT/features.npz, then report."""
-    import tempfile
-
-    import numpy as np
-
-    from facepipe import tracking
-    from facepipe.commands.evaluate_protocols import embed_protocol, run_video
-    from facepipe.eval.model_features import load_eval_model
-    from facepipe.fsutil import atomic_path
-    from facepipe.progress import summary
-
-    if not args.protocol.is_dir():
-        raise DataError("protocol folder not found", path=args.protocol)
-    config = load(args)
-    with tempfile.TemporaryDirectory(prefix="facepipe-eval-") as tmp:
-        local = (
-            tracking.download_model(args.model, config.tracking, tmp) if is_model_uri(args.model) else None
-        )
-        model = load_eval_model(local or args.model, args.model)
-        kind, data = embed_protocol(model, args.protocol, config.eval.batch_size, config.eval.flip)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out / "features.npz") as tmp_path, open(tmp_path, "wb") as fh:
-        np.savez(fh, **data)
-    args.name = args.name or args.protocol.name
-    if kind == "video":
-        metrics, paths = run_video(args, args.protocol, data)
-    else:
-        args.templates = args.protocol
-        metrics, paths = _run_templates(args, data)
-    lines = {
-        "model": args.model,
-        "protocol": f"{kind} ({args.protocol})",
-        "report": str(args.out / "metrics.json"),
-    }
-    print(
-        summary(
-            f"facepipe evaluate: {args.model} on {args.protocol}",
-            lines | {_label(p, args.out): str(p) for p in paths},
-        )
-    )
-    return 0

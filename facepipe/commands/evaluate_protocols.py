@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,12 +113,100 @@ def run_video(args: argparse.Namespace, path: Path, data: dict | None = None):
         raise DataError(str(err), path=path) from err
 
 
-def embed_protocol(model, folder: Path, batch: int = 256, flip: bool = True) -> tuple[str, dict]:
-    """Embed the images of a protocol folder: (kind, the templates or video NPZ arrays)."""
+def run_templates(args: argparse.Namespace, data: dict | None = None) -> tuple[dict, list[Path]]:
+    """An IJB-style templates file (or its arrays, `data`): 1:1 and, with gallery and probe lists, 1:N
+    (as --protocols asks) into --out; returns (metrics, files written)."""
+    from facepipe.eval.ijb import aggregate_insightface, verify_templates
+    from facepipe.eval.report import plot_det, plot_roc, write_metrics
+    from facepipe.npz import load_npz
+
+    path = args.templates
+    if data is None:
+        if not path.is_file():
+            raise DataError("templates file not found", path=path)
+        data = load_npz(path, "templates")  # names the file on a truncated or non-zip .npz
+    missing = [k for k in ("embeddings", "templates", "medias", "p1", "p2", "label") if k not in data]
+    if missing:
+        raise DataError(f"templates file lacks {missing}", path=path)
+    try:
+        if args.fusion == "insightface":
+            feats, uniq = aggregate_insightface(
+                data["embeddings"],
+                data["templates"],
+                data["medias"],
+                data.get("flipped"),
+                data.get("faceness"),
+            )
+            res = verify_templates(feats, uniq, data["p1"], data["p2"], data["label"])
+        else:
+            res, uniq = fused_templates(args.fusion, data, path)
+    except ValueError as err:
+        raise DataError(str(err), path=path) from err
+    name = args.name or path.stem
+    metrics = {"name": name, "fusion": args.fusion, "n_templates": int(uniq.shape[0])}
+    out = Path(args.out)
+    label = (
+        "cosine (InsightFace templates)" if args.fusion == "insightface" else f"{args.fusion} fusion + score"
+    )
+    paths = []
+    if wants(args, "1:1"):
+        metrics |= res.metrics()
+        paths += [
+            plot_roc({label: (res.fpr, res.tpr)}, out / "roc.png", f"{name}: template ROC"),
+            plot_det({label: (res.fpr, res.tpr)}, out / "det.png", f"{name}: template DET"),
+        ]
+    if wants(args, "1:n") and args.fusion == "insightface":
+        feats, uniq = aggregate_insightface(
+            data["embeddings"], data["templates"], data["medias"], data.get("flipped"), data.get("faceness")
+        )
+        ident, ident_paths = run_identification(args, data, path, feats, uniq, out)
+        if ident is not None:
+            metrics["identification"] = ident
+            paths += ident_paths
+    paths.insert(0, write_metrics(out, metrics))
+    return metrics, paths
+
+
+def fused_templates(method: str, data: dict, path: Path) -> tuple[Any, np.ndarray]:
+    """Templates fused by an uncertainty method's own ``fuse`` and scored by its ``pair_score``."""
+    import numpy as np
+
+    from facepipe.eval.ijb import aggregate_with, verify_templates
+    from facepipe.eval.scoring import numpy_callable
+    from facepipe.eval.verification import l2_normalize
+    from facepipe.uncertainty.registry import get_method
+
+    spec = get_method(method)
+    if "uncertainty" not in data:
+        raise DataError(
+            f"--fusion {method} needs an 'uncertainty' array ({spec.uncertainty_kind})", path=path
+        )
+    emb = data["embeddings"] if data.get("flipped") is None else data["embeddings"] + data["flipped"]
+    mu = l2_normalize(emb)
+    unc = np.asarray(data["uncertainty"], dtype=np.float64).reshape(mu.shape[0], -1)
+    unc = spec.to_stored(unc)  # the file stores e.g. 1/κ; the method fuses and scores its own u (κ)
+    mu_t, unc_t, uniq = aggregate_with(mu, unc, data["templates"], numpy_callable(spec.fuse))
+    res = verify_templates(
+        mu_t, uniq, data["p1"], data["p2"], data["label"], numpy_callable(spec.pair_score), unc_t
+    )
+    return res, uniq
+
+
+def file_label(path: Path, out: Path) -> str:
+    """A written file's name in the summary: its path under --out (identification/metrics.json, ...)."""
+    try:
+        return str(Path(path).relative_to(out))
+    except ValueError:
+        return Path(path).name
+
+
+def embed_protocol(model, folder: Path, batch: int = 256, flip: bool = True, cache=None) -> tuple[str, dict]:
+    """Embed the images of a protocol folder: (kind, the templates or video NPZ arrays). `cache`: an
+    :class:`facepipe.eval.embed_cache.EmbeddingCache` for the backbone's outputs, or None."""
     import pyarrow.parquet as pq
 
     from facepipe.data.protocols import read_protocol_info
-    from facepipe.eval.model_features import embed_batch
+    from facepipe.eval.model_features import embed_table_images
     from facepipe.models.embed import decode_images_of
 
     info = read_protocol_info(folder)
@@ -131,12 +220,9 @@ def embed_protocol(model, folder: Path, batch: int = 256, flip: bool = True) -> 
     table = pq.read_table(path)
     images = table.column("image").to_pylist()
     size, order = tuple(model.info.input_size), model.info.color_order
-    parts: dict[str, list] = {}
-    for s in range(0, len(images), batch):
-        pixels = decode_images_of(images[s : s + batch], size, order, str(path), s)
-        for key, value in embed_batch(model, pixels, flip).items():
-            parts.setdefault(key, []).append(value)
-    data = {k: np.concatenate(v) for k, v in parts.items()}
+    spans = range(0, len(images), batch)
+    batches = (decode_images_of(images[s : s + batch], size, order, str(path), s) for s in spans)
+    data = embed_table_images(model, batches, path, order, flip, batch, cache)
     if model.method:
         data["kind"], data["method"] = np.array(model.kind), np.array(model.method)
     if kind == "ijb":
@@ -167,3 +253,30 @@ def embed_protocol(model, folder: Path, batch: int = 256, flip: bool = True) -> 
             issame=pairs.column("issame").to_numpy(),
         )
     return kind, data
+
+
+def protocol_report(
+    args: argparse.Namespace, model, folder: Path, out: Path, ev, cache=None
+) -> tuple[dict, list[Path]]:
+    """`--model --protocol`: embed the folder's images with `model`, keep them as OUT/features.npz, then
+    the IJB (1:1 + 1:N) or video report into `out`; prints its summary. Returns (metrics, files)."""
+    import argparse as ap
+
+    from facepipe.fsutil import atomic_path
+    from facepipe.progress import summary
+
+    kind, data = embed_protocol(model, folder, ev.batch_size, ev.flip, cache)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "features.npz") as tmp_path, open(tmp_path, "wb") as fh:
+        np.savez(fh, **data)
+    # this protocol's own view of the options: its report folder, its name, its data
+    sub = ap.Namespace(**{**vars(args), "out": out, "name": args.name or folder.name, "templates": folder})
+    metrics, paths = run_video(sub, folder, data) if kind == "video" else run_templates(sub, data)
+    lines = {"model": args.model, "protocol": f"{kind} ({folder})", "report": str(out / "metrics.json")}
+    print(
+        summary(
+            f"facepipe evaluate: {args.model} on {folder}",
+            lines | {file_label(p, out): str(p) for p in paths},
+        )
+    )
+    return metrics, paths

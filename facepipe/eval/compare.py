@@ -1,7 +1,8 @@
 """Several uncertainty heads on one backbone, and the quality baselines, compared on the same pairs.
 
-For every pair table, each model is embedded (:func:`facepipe.eval.model_features.pair_table_features`)
-and reported as `facepipe evaluate --model` would (detail under ``OUT/models/<method>/<table>/``); the
+For every pair table, each model's features are those its `facepipe evaluate --model` report saved, when
+they match, else the model is embedded (:func:`facepipe.eval.model_features.pair_table_features`); each is
+reported as `facepipe evaluate --model` would (detail under ``OUT/models/<method>/<table>/``); the
 backbone embeddings must agree across models (same backbone), so every row is judged on the same
 comparisons. One row per method:
 
@@ -137,26 +138,51 @@ def _check_same_backbone(features: list, labels: list[str], table: str) -> None:
             )
 
 
+def table_features(
+    models: list,
+    labels: list[str],
+    path: Path,
+    settings: CompareSettings,
+    reports: list[str | os.PathLike | None] | None = None,
+    cache=None,  # facepipe.eval.embed_cache.EmbeddingCache, for the models embedded here
+) -> list:
+    """Each model's features on the pair table `path`: those its evaluation report (``reports[i]``, see
+    `facepipe evaluate --model`) saved when they match (same weights, table bytes and flip), else the
+    model run over the table. Which it was is logged."""
+    from facepipe.eval.model_features import pair_table_features, saved_pair_features
+
+    features = []
+    for model, label, report in zip(models, labels, reports or [None] * len(models), strict=True):
+        found, why = saved_pair_features(report, model, path, settings.flip) if report else (None, "")
+        if found is None:
+            log.info("%s on %s: embedding%s", label, path.stem, f" ({why})" if why else "")
+            order = model.info.color_order
+            found = pair_table_features(model, path, order, settings.batch_size, settings.flip, cache=cache)
+        else:
+            log.info("%s on %s: %s", label, path.stem, why)
+        features.append(found)
+    return features
+
+
 def compare_table(
     models: list,
     labels: list[str],
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
     settings: CompareSettings,
+    features: list | None = None,
 ) -> TableComparison:
-    """Compare every model (and the baselines) on one pair table; per-model reports go under out_dir."""
+    """Compare every model (and the baselines) on one pair table; per-model reports go under out_dir.
+    `features`: the models' features on it (default: :func:`table_features`, each model embedded)."""
     from facepipe.eval.edc_report import uncertainty_method
     from facepipe.eval.ijb import tar_at_far
-    from facepipe.eval.model_features import pair_table_features
     from facepipe.eval.report import evaluate_pair_features
     from facepipe.eval.risk import risk_controlled_accuracy
     from facepipe.eval.verification import evaluate_embeddings, flip_fuse
 
     path, out_dir = Path(path), Path(out_dir)
     table = path.stem
-    features = [
-        pair_table_features(m, path, m.info.color_order, settings.batch_size, settings.flip) for m in models
-    ]
+    features = features or table_features(models, labels, path, settings)
     _check_same_backbone(features, labels, table)
     base = features[0]
     fused = flip_fuse(base.embeddings, base.flipped)

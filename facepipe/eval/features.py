@@ -14,7 +14,11 @@ key              shape / dtype               meaning
 ``issame``       (P,) bool, optional         pair labels when no pair table is given
 ``kind``         () str, optional            what ``uncertainty`` holds: ``sigma_sq`` | ``inv_kappa``
 ``method``       () str, optional            the uncertainty method that produced it (``pfe``, ...)
+``fold``         (P,) int, optional          the pairs' folds, read with ``issame`` (no pair table)
 ===============  ==========================  ==================================================
+
+``facepipe evaluate --model`` keeps each table's features in this format (:func:`save_pair_features`),
+with ``provenance_*`` entries saying what made them (model weights, table bytes, flip).
 
 The kinds and methods are those of :mod:`facepipe.uncertainty.registry`; without ``method`` the
 uncertainty-aware score is that of the registered method storing this kind and width.
@@ -61,6 +65,36 @@ def save_features(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     return path
+
+
+PROVENANCE = "provenance_"
+
+
+def save_pair_features(
+    path: str | os.PathLike, features: PairFeatures, provenance: dict[str, str | bool | int] | None = None
+) -> Path:
+    """Write `features` (labels, folds, kind and method included) as a features NPZ, atomically, with
+    `provenance` (plain values) stored beside the arrays."""
+    arrays = {
+        k: v
+        for k in ("embeddings", "flipped", "uncertainty", "degradation", "issame", "fold")
+        if (v := getattr(features, k)) is not None
+    }
+    arrays["kind"] = np.array(features.kind)
+    if features.method is not None:
+        arrays["method"] = np.array(features.method)
+    for key, value in (provenance or {}).items():
+        arrays[PROVENANCE + key] = np.array(value)
+    return save_features(path, **arrays)
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, str | bool | int]:
+    """The provenance a features NPZ was saved with ({} when none, or the file is unreadable)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k[len(PROVENANCE) :]: z[k].item() for k in z.files if k.startswith(PROVENANCE)}
+    except (OSError, ValueError):
+        return {}
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -131,8 +165,11 @@ def load_pair_features(features: str | os.PathLike, pairs: str | os.PathLike | N
         issame, fold = read_pair_labels(pairs)
     elif "issame" in data:
         issame = np.asarray(data["issame"]).astype(bool)
+        fold = np.asarray(data["fold"]) if "fold" in data else None
     else:
         raise DataError("no pair labels: pass a pair table or store 'issame' in the features file", path=path)
+    if fold is not None and fold.shape != issame.shape:
+        raise DataError(f"'fold' has {fold.shape[0]} rows, 'issame' {issame.shape[0]}", path=path)
     if emb.shape[0] != 2 * issame.shape[0]:
         raise DataError(
             f"{emb.shape[0]} embedding rows but {issame.shape[0]} pairs (need 2 rows per pair)", path=path

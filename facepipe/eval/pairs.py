@@ -23,8 +23,10 @@ from facepipe.eval.verification import evaluate_embeddings
 
 def eval_options(ev: Any) -> dict[str, Any]:
     """The keyword arguments of :func:`facepipe.eval.model_features.evaluate_model` from an
-    :class:`facepipe.config.EvalConfig` (rejection rates, folds, batch size, flip, EDC settings)."""
+    :class:`facepipe.config.EvalConfig` (rejection rates, folds, batch size, flip, EDC settings), and
+    the embedding cache of ``eval.embedding_cache`` when set (:mod:`facepipe.eval.embed_cache`)."""
     from facepipe.eval.edc_report import EdcSettings
+    from facepipe.eval.embed_cache import EmbeddingCache
 
     return {
         "rejection_rates": tuple(ev.rejection_rates),
@@ -32,6 +34,7 @@ def eval_options(ev: Any) -> dict[str, Any]:
         "batch_images": ev.batch_size,
         "flip": ev.flip,
         "edc": EdcSettings.from_config(ev),
+        "cache": EmbeddingCache.at(ev.embedding_cache),
     }
 
 

@@ -19,7 +19,6 @@ from facepipe.console import LineFilter, show_everything
 __all__ = [
     "USER_ERROR_EXIT",
     "StageFailed",
-    "cli_supports",
     "facepipe_command",
     "run_logged",
 ]
@@ -88,9 +87,3 @@ def run_logged(
     if returncode != 0:
         raise StageFailed(name, returncode, "\n".join(tail), log_path)
     return list(tail)
-
-
-def cli_supports(command: list[str], option: str) -> bool:
-    """Whether `facepipe <command> --help` lists `option` (for stages other issues are still adding)."""
-    proc = subprocess.run(facepipe_command([*command, "--help"]), capture_output=True, text=True, timeout=120)
-    return proc.returncode == 0 and option in proc.stdout

@@ -65,6 +65,7 @@ def test_demo_runs_twice_and_stops_its_services(tmp_path):
     assert "    ijb: 1:1 AUC " in first.stdout
     assert "    video (set-to-set, accuracy by fusion): mean " in first.stdout
     _check_comparison_report(workdir, summary, first.stdout)
+    _check_work_is_shared(workdir)
     assert _children_named(workdir) == []
 
     second = _demo(workdir)
@@ -75,6 +76,18 @@ def test_demo_runs_twice_and_stops_its_services(tmp_path):
     assert all(stages[name] == "up to date" for name in stages if not name.startswith("benchmark")), stages
     _check_comparison_report(workdir, summary, second.stdout)
     assert _children_named(workdir) == []
+
+
+def _check_work_is_shared(workdir: Path) -> None:
+    """Each benchmarked version was scored by one process (pair tables and protocol sets), the heads
+    and their backbone ran the backbone once per image table (the embedding cache), and the comparison
+    embedded nothing: it took the features the benchmark saved."""
+    stages = {p.stem for p in (workdir / ".facepipe" / "stages").glob("benchmark-*.json")}
+    assert stages and not {s for s in stages if s.endswith(("-ijb", "-video"))}, stages
+    # per backbone version: 2 pair tables + the IJB images + the video frames
+    assert len(list((workdir / "data" / "features" / "eval-embeddings").glob("*.npz"))) == 2 * 4
+    log = (workdir / ".facepipe" / "logs" / "benchmark-compare.log").read_text()
+    assert log.count(": reused ") == len(METHODS) * 2 and ": embedding" not in log, log[-3000:]
 
 
 def _check_protocol_reports(workdir: Path, summary: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,19 +24,24 @@ METHODS = ("probface", "pfe", "scf", "dul")
 ROWS = {*METHODS, "feature_norm", "random", "true_degradation", "ideal", "random_expected"}
 
 
+def degraded_shards(shards, n_pairs: int):
+    """A decoded-dataset folder whose one pair table, synth_val, has degradation columns."""
+    rng = np.random.default_rng(0)
+    (shards / "pairs").mkdir(parents=True)
+    deg = rng.uniform(0, 1, size=(n_pairs, 2))
+    images = [_png(rng, d) for d in deg.reshape(-1)]
+    issame = (np.arange(n_pairs) % 2 == 0).tolist()
+    extra = {"degradation_a": deg[:, 0], "degradation_b": deg[:, 1]}
+    write_pair_table(shards / "pairs" / "synth_val.parquet", images, issame, extra=extra)
+    write_manifest(shards, {"color_order": "RGB", "num_classes": 5})
+    return shards
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     """Four heads on the same (seed 0) backbone compared on a pair table with degradation columns."""
     root = tmp_path_factory.mktemp("compare")
-    rng = np.random.default_rng(0)
-    shards = root / "shards"
-    (shards / "pairs").mkdir(parents=True)
-    deg = rng.uniform(0, 1, size=(N_PAIRS, 2))
-    images = [_png(rng, d) for d in deg.reshape(-1)]
-    issame = (np.arange(N_PAIRS) % 2 == 0).tolist()
-    extra = {"degradation_a": deg[:, 0], "degradation_b": deg[:, 1]}
-    write_pair_table(shards / "pairs" / "synth_val.parquet", images, issame, extra=extra)
-    write_manifest(shards, {"color_order": "RGB", "num_classes": 5})
+    shards = degraded_shards(root / "shards", N_PAIRS)
     models = [str(_bundle(root / m, m)) for m in METHODS]
     out = root / "out"
     db = root / "mlflow.db"
@@ -129,6 +135,72 @@ def test_heads_on_different_backbones_are_refused(compared, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# Reusing the features each model's evaluation saved
+# ---------------------------------------------------------------------------------------------
+
+SETTINGS = ["eval.folds=5", "eval.batch_size=32", "eval.edc_fmr_targets=[0.01, 0.1, 0.001]"]
+
+
+@pytest.fixture(scope="module")
+def reports(compared, tmp_path_factory):
+    """Each head's `facepipe evaluate --model` report on the compared pair table, in METHODS order."""
+    root, shards, _, _ = compared
+    folders = []
+    for method in METHODS:
+        report = tmp_path_factory.mktemp("reports") / method
+        argv = ["evaluate", "--model", str(root / method), "--shards", str(shards), "--out", str(report)]
+        assert main([*argv, *SETTINGS]) == 0
+        folders.append(str(report))
+    return folders
+
+
+def _rows(out) -> list[dict]:
+    return json.loads((out / "comparison.json").read_text())["synth_val"]["rows"]
+
+
+def test_compare_reuses_the_features_evaluate_saved(compared, reports, tmp_path, caplog, capsys):
+    root, shards, out, _ = compared
+    models = [str(root / m) for m in METHODS]
+    argv = ["compare", "--models", *models, "--shards", str(shards), "--no-mlflow", *SETTINGS]
+    caplog.set_level(logging.INFO, logger="facepipe.eval.compare")
+    assert main([*argv, "--out", str(tmp_path / "reused"), "--reports", *reports]) == 0
+    assert caplog.text.count(": reused ") == len(METHODS) and ": embedding" not in caplog.text
+    assert _rows(tmp_path / "reused") == _rows(out)  # the numbers of embedding every model here
+    # each report given for the wrong model: nothing matches, every model is embedded, same numbers
+    caplog.clear()
+    rotated = [*reports[1:], reports[0]]
+    assert main([*argv, "--out", str(tmp_path / "rotated"), "--reports", *rotated]) == 0
+    assert caplog.text.count("was made with another model") == len(METHODS)
+    assert _rows(tmp_path / "rotated") == _rows(out)
+    assert main([*argv, "--out", str(tmp_path / "o"), "--reports", *reports[1:]]) == 2
+    assert "one folder per model" in capsys.readouterr().err
+
+
+def test_saved_features_are_used_only_when_they_match(compared, reports, tmp_path):
+    import pyarrow.parquet as pq
+
+    from facepipe.eval.model_features import load_eval_model, saved_pair_features
+
+    root, shards, _, _ = compared
+    table = shards / "pairs" / "synth_val.parquet"
+    model = load_eval_model(root / "probface")
+    found, why = saved_pair_features(reports[0], model, table, flip=True)
+    assert found is not None and why.startswith("reused") and found.method == "probface"
+    assert found.fold is not None and found.degradation is not None
+    assert saved_pair_features(reports[0], model, table, flip=False) == (None, _why(reports[0], "flip"))
+    assert saved_pair_features(reports[1], model, table, flip=True) == (None, _why(reports[1], "model"))
+    changed = tmp_path / "pairs" / "synth_val.parquet"  # the same pairs, one row fewer
+    changed.parent.mkdir()
+    pq.write_table(pq.read_table(table).slice(0, N_PAIRS - 1), changed)
+    assert saved_pair_features(reports[0], model, changed, flip=True) == (None, _why(reports[0], "table"))
+    assert saved_pair_features(tmp_path, model, table, flip=True)[0] is None  # no saved features there
+
+
+def _why(report: str, what: str) -> str:
+    return f"{report}/synth_val/features.npz was made with another {what}"
+
+
+# ---------------------------------------------------------------------------------------------
 # The page in a real browser
 # ---------------------------------------------------------------------------------------------
 
@@ -205,9 +277,14 @@ def test_benchmark_flow_compare_step_parses(tmp_path):
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     s = FlowSettings(str(tmp_path), "params.yaml", ["eval.folds=5"])
-    argv = compare_argv(s, ["models:/facepipe-pfe/1", "models:/facepipe-scf/2"], "data/shards", "reports/c")
+    models = ["models:/facepipe-pfe/1", "models:/facepipe-scf/2"]
+    argv = compare_argv(s, models, "data/shards", "reports/c", ["reports/pfe-v1", "reports/scf-v2"])
     assert argv[:4] == ["compare", "--models", "models:/facepipe-pfe/1", "models:/facepipe-scf/2"]
-    assert parses(argv)
+    assert argv[argv.index("--reports") + 1 : argv.index("--reports") + 3] == [
+        "reports/pfe-v1",
+        "reports/scf-v2",
+    ]
+    assert parses(argv) and parses(compare_argv(s, models, "data/shards", "reports/c"))
 
 
 def test_bad_arguments_fail_before_any_work(compared, tmp_path, capsys):

@@ -296,6 +296,11 @@ def test_flow_stage_commands_parse(tmp_path):
         assert parses(argv), argv
     if model_eval_available():
         assert parses(benchmark_argv(s, "models:/facepipe-probface/1", "data/shards", "reports/x"))
+        # one process per model: the pair tables and both protocol sets, the backbone's outputs cached
+        protocols = ["data/raw/protocols/ijb", "data/raw/protocols/video"]
+        argv = benchmark_argv(s, "models:/facepipe-pfe/1", "data/shards", "reports/x", protocols)
+        assert parses(argv) and argv.count("--protocol") == 2
+        assert argv[argv.index("--embedding-cache") + 1] == f"{tmp_path}/data/features/eval-embeddings"
 
 
 def render_dvc(text: str, params: dict, item=None, key: str | None = None) -> str:
