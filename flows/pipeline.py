@@ -38,12 +38,6 @@ def headline(metrics: Any, prefix: str = "", depth: int = 0) -> dict[str, float]
     return out
 
 
-def training_headline(metrics: dict[str, float]) -> dict[str, float]:
-    """A training run's verification numbers: overall and per pair table accuracy, risk-controlled."""
-    keep = ("accuracy", "val/", "risk", "spearman")
-    return {k: float(v) for k, v in sorted(metrics.items()) if k.startswith(keep)}
-
-
 @flow(name="pipeline", log_prints=True)
 def pipeline(
     workdir: str = ".",
@@ -102,18 +96,11 @@ def pipeline(
             for m in models
         ],
         "benchmark": {
-            m["uri"]: (
-                {n: headline(v) for n, v in bench["reports"][m["uri"]]["metrics"].items()}
-                if m["uri"] in bench["reports"]
-                else {"training": training_headline(m.get("metrics", {}))}
-            )
-            for m in models
+            m["uri"]: {n: headline(v) for n, v in bench["reports"][m["uri"]]["metrics"].items()}
+            for m in models  # each was benchmarked: the flow scores every version it is given
         },
         "reports": [r["dir"] for r in bench["reports"].values()],
         "comparison_report": bench.get("comparison"),  # heads + baselines side by side (HTML)
-        "benchmark_note": bench.get("skipped")
-        and f"benchmark skipped: {bench['skipped']}; numbers are the "
-        "training stages' own verification metrics",
         "mlflow_runs": [run for st in stages for run in st.get("mlflow_runs", [])],
         "stages": {
             st["name"]: "up to date" if st.get("skipped") else f"ran in {st.get('seconds')} s"

@@ -185,8 +185,6 @@ def _format_summary(summary: dict, workdir: Path, mlflow, seconds: float) -> str
     lines.append("")
     lines.append("Benchmark (10-fold verification on the generated pair sets; IJB 1:1 + 1:N and video sets):")
     lines.extend(_benchmark_lines(summary.get("reports", [])))
-    if summary.get("benchmark_note"):
-        lines.append(f"  ({summary['benchmark_note']})")
     lines.append("")
     lines.append(f"Reports (metrics JSON + PNG plots): {', '.join(summary.get('reports', [])) or '-'}")
     lines.extend(_comparison_lines(summary.get("comparison_report")))

@@ -42,20 +42,17 @@ def path_state(path: str | os.PathLike) -> Any:
     are DVC-tracked (the raw dataset), which pins their content without re-reading gigabytes; otherwise
     sizes and modification times stand in.
     """
-    if storage.is_remote(path):  # object storage: decode/align outputs carry a manifest
-        dataset = Dataset.at(path)
-        if dataset.has_manifest():
-            with contextlib.suppress(DataError):
-                return {"manifest": dataset.fingerprint}
-        return {"remote": str(path), "exists": storage.exists(path)}
+    remote = storage.is_remote(path)  # object storage: decode/align outputs carry a manifest there too
     p = Path(path)
     dvc_file = p.with_name(p.name + ".dvc")
-    if dvc_file.is_file():
+    if not remote and dvc_file.is_file():
         return {"dvc": hashlib.sha256(dvc_file.read_bytes()).hexdigest()}
-    dataset = Dataset.at(p)
+    dataset = Dataset.at(path)
     if dataset.has_manifest():
-        with contextlib.suppress(DataError):  # an unreadable manifest: the listing below stands in
+        with contextlib.suppress(DataError):  # an unreadable manifest: what follows stands in
             return {"manifest": dataset.fingerprint}
+    if remote:
+        return {"remote": str(path), "exists": storage.exists(path)}
     if p.is_file():
         st = p.stat()
         return {"file": [st.st_size, st.st_mtime_ns]}
@@ -90,10 +87,6 @@ def _located(path: str, workdir: Path) -> str | Path:
     return workdir / path
 
 
-def _exists(path: str | Path) -> bool:
-    return storage.exists(path) if storage.is_remote(path) else Path(path).exists()
-
-
 def marker_path(workdir: Path, name: str) -> Path:
     return workdir / STATE_DIR / f"{name}.json"
 
@@ -109,7 +102,7 @@ def completed(workdir: Path, name: str, fp: str, outs: list[str]) -> dict[str, A
         return None
     if record.get("fingerprint") != fp:
         return None
-    if not all(_exists(_located(o, workdir)) for o in outs):
+    if not all(storage.exists(_located(o, workdir)) for o in outs):
         return None
     return record
 
