@@ -59,16 +59,12 @@ TRAIN_SCHEMA = pa.schema(
     ]
 )
 
+# one row per pair: each of its two sides (a, b) has an image and, when the source has a
+# `<name>.degradation.parquet` sidecar (synthetic data), that image's degradation
 PAIR_SCHEMA = pa.schema(
-    [
-        pa.field("image_a", pa.binary(), nullable=False),
-        pa.field("image_b", pa.binary(), nullable=False),
-        pa.field("issame", pa.bool_(), nullable=False),
-        pa.field("fold", pa.int32(), nullable=False),
-        # per-image degradation when the source has a `<name>.degradation.parquet` sidecar (synthetic data)
-        pa.field("degradation_a", pa.float32()),
-        pa.field("degradation_b", pa.float32()),
-    ]
+    [pa.field(f"image_{side}", pa.binary(), nullable=False) for side in "ab"]
+    + [pa.field("issame", pa.bool_(), nullable=False), pa.field("fold", pa.int32(), nullable=False)]
+    + [pa.field(f"degradation_{side}", pa.float32()) for side in "ab"]
 )
 
 REJECT_SCHEMA = pa.schema(

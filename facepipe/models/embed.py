@@ -71,10 +71,8 @@ def embed_images(backbone: Any, images_u8: np.ndarray, flip: bool = False, maps:
 
 
 def embed_pair_table(
-    backbone: Any,
-    path: str | os.PathLike,
-    input_size: tuple[int, int],
-    color_order: str,
+    # the backbone and how it takes its images (size, colour order)
+    backbone: Any, path: str | os.PathLike, input_size: tuple[int, int], color_order: str,
     batch_pairs: int = 128,
     flip: bool = True,
 ) -> dict[str, np.ndarray]:

@@ -54,7 +54,9 @@ def start_mlflow_server(
         _bin("mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1",
         "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
     ]  # fmt: skip
-    env = dict(os.environ)
+    # MLflow's job runner (GenAI evaluation jobs, trace roll-ups) is two more process pools that
+    # facepipe never uses; an operator who wants it sets the variable to true
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     if auth:
         cmd += ["--app-name", "basic-auth"]
         env |= _basic_auth_env(artifacts.parent)
@@ -82,6 +84,10 @@ def _basic_auth_env(root: Path) -> dict[str, str]:
         f"admin_username = {user}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         "grant_default_workspace_access = false\n"
+        # each check of a password is a deliberately slow hash (~0.8 s on this machine), paid by every
+        # request without this cache: a run logging a metric per step would spend most of its time on
+        # it. The price is a short window in which a changed password still works.
+        "auth_cache_ttl_seconds = 60\n"
     )
     return {
         "MLFLOW_AUTH_CONFIG_PATH": str(config),

@@ -36,10 +36,8 @@ CACHE_META = "features.json"
 
 
 def verify_pairs(
-    backbone: Any,
-    shards_dir: str | os.PathLike,
-    input_size: tuple[int, int],
-    color_order: str,
+    # the backbone and how it takes its images (size, colour order)
+    backbone: Any, shards_dir: str | os.PathLike, input_size: tuple[int, int], color_order: str,
     folds: int = 10,
     clean_accuracy: bool = False,
     flip: bool = True,

@@ -53,10 +53,8 @@ def _sample(
 
 
 def class_spread(
-    backbone: Any,
-    shards_dir: str | os.PathLike,
-    input_size: tuple[int, int],
-    color_order: str,
+    # the backbone and how it takes its images (size, colour order)
+    backbone: Any, shards_dir: str | os.PathLike, input_size: tuple[int, int], color_order: str,
     classes: int = 64,
     per_class: int = 8,
     batch: int = 128,

@@ -24,17 +24,11 @@ class AdaFace(MarginHead):
     needs_norms = True
 
     def __init__(
-        self,
-        embedding_size=None,
-        num_classes=None,
-        s: float = 64.0,
-        m: float = 0.4,
-        h: float = 0.333,
-        t_alpha: float = 0.01,
-        eps: float = 1e-3,
-        init_batch_mean: float = 20.0,
-        init_batch_std: float = 100.0,
-    ):
+        self, embedding_size=None, num_classes=None, s: float = 64.0, m: float = 0.4, h: float = 0.333,
+        # the running statistics of the feature norms: EMA momentum, the σ floor and their start values
+        t_alpha: float = 0.01, eps: float = 1e-3,
+        init_batch_mean: float = 20.0, init_batch_std: float = 100.0,
+    ):  # fmt: skip
         super().__init__(embedding_size, num_classes, s)
         self.m, self.h, self.t_alpha, self.eps = float(m), float(h), float(t_alpha), float(eps)
         self.register_buffer("batch_mean", torch.full((1,), float(init_batch_mean)))

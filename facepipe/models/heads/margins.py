@@ -273,14 +273,9 @@ class ArcFace(MarginHead):
     """ArcFace; ``form`` is ``"legacy"`` (default: monotonic, θ+m>π fallback) or ``"head"``."""
 
     def __init__(
-        self,
-        embedding_size=None,
-        num_classes=None,
-        s: float = 64.0,
-        m: float = 0.5,
-        form: str = "legacy",
-        easy_margin: bool = False,
-    ):
+        self, embedding_size=None, num_classes=None, s: float = 64.0, m: float = 0.5,
+        form: str = "legacy", easy_margin: bool = False,
+    ):  # fmt: skip
         super().__init__(embedding_size, num_classes, s)
         if form not in ("head", "legacy"):
             raise ValueError(f"ArcFace form must be 'head' or 'legacy', got {form!r}")
@@ -307,16 +302,9 @@ class InsightFaceCombinedMargin(MarginHead):
     """InsightFace arcface_torch ``CombinedMarginLoss`` compatibility (see the functional form)."""
 
     def __init__(
-        self,
-        embedding_size=None,
-        num_classes=None,
-        s=64.0,
-        m1=1.0,
-        m2=0.5,
-        m3=0.0,
-        interclass_filtering_threshold: float = 0.0,
-        form: str = "head",
-    ):
+        self, embedding_size=None, num_classes=None, s=64.0, m1=1.0, m2=0.5, m3=0.0,
+        interclass_filtering_threshold: float = 0.0, form: str = "head",
+    ):  # fmt: skip
         super().__init__(embedding_size, num_classes, s)
         if not ((m1 == 1.0 and m3 == 0.0) or m3 > 0):
             raise ValueError(

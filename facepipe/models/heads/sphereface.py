@@ -113,18 +113,12 @@ class ASoftmax(MarginHead):
     needs_norms = True
 
     def __init__(
-        self,
-        embedding_size=None,
-        num_classes=None,
-        m: int = 4,
-        schedule: str = "caffe",
-        phi: str = "chebyshev",
-        s: float = 1.0,
-        base: float | None = None,
-        gamma: float | None = None,
-        power: float | None = None,
+        self, embedding_size=None, num_classes=None, m: int = 4, schedule: str = "caffe",
+        phi: str = "chebyshev", s: float = 1.0,
+        # the λ annealing λ = max(λ_min, base·(1 + γ·it)^(−power)); None takes the schedule's value
+        base: float | None = None, gamma: float | None = None, power: float | None = None,
         lambda_min: float | None = None,
-    ):
+    ):  # fmt: skip
         super().__init__(embedding_size, num_classes, s)
         if schedule not in LAMBDA_SCHEDULES:
             raise ValueError(f"unknown λ schedule {schedule!r}; known: {sorted(LAMBDA_SCHEDULES)}")
@@ -206,17 +200,10 @@ class SphereFace2(MarginHead):
     loss_kind = "bce"
 
     def __init__(
-        self,
-        embedding_size=None,
-        num_classes=None,
-        alpha: float = 0.8,
-        r: float = 64.0,
-        m: float = 0.5,
-        t: float = 3.0,
-        lw: float = 50.0,
-        total_classes: int | None = None,
-        s: float | None = None,
-    ):
+        self, embedding_size=None, num_classes=None,
+        alpha: float = 0.8, r: float = 64.0, m: float = 0.5, t: float = 3.0, lw: float = 50.0,
+        total_classes: int | None = None, s: float | None = None,
+    ):  # fmt: skip
         super().__init__(embedding_size, num_classes, r if s is None else s)
         self.total_classes = total_classes or num_classes
         if self.total_classes is None or self.total_classes < 2:
