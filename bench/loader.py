@@ -1,32 +1,32 @@
-"""Benchmark: the training input pipeline vs a plain two-process decode loop and vs Ray Data.
+"""Benchmark: the training input pipeline vs a plain two-process decode loop, bare decoding and Ray Data.
 
     python bench/loader.py [--shards DIR] [--images 6000] [--batch 128] [--workers 2] [--s3]
 
-Prints one JSON object: `images_s` (ShardLoader, default mode, an epoch of shuffled, flipped uint8
-batches: the float normalisation now runs on the training device, see `cpu_normalise_images_s` for
-its cost on a CPU device), `baseline_images_s` (two processes, each: pyarrow row-group read,
-cv2.imdecode, flip, normalise to float32, over the same shards in the same run), their `ratio`
-(goal >= 0.9), and the anchor `decode_only_images_s`: one thread running bare `cv2.imdecode` over the
-same payloads, already in memory; `ratio_vs_decode_only` = loader images/s per decode thread / that
-(goal >= 0.9). Best of `--repeats`, with `*_median` beside. `rss_mb_small` / `rss_mb_large`: peak RSS
-of a fresh process running the loader over the `--images` shards (10 epochs) and over 10x as many
-images written for it (1 epoch: as many batches), same shuffle window (`rss_window_rows`): flat
-when memory does not grow with the dataset.
-Also the other loader mode's rate for reference, and `ray_data_images_s`: Ray Data on a
-local 2-CPU Ray started here (`read_parquet` -> `map_batches` doing the same decode, flip and
-normalise to float NCHW -> `iter_torch_batches`), with `ratio_vs_ray_data` = images_s / that rate,
-and `ray_data_uint8_images_s` / `ratio_vs_ray_data_uint8` for a tuned variant that ships uint8 images
-through the object store and normalises them in `iter_torch_batches`' collate threads.
-With `--s3`, the same shards are copied into a bucket of a moto S3 server started on 127.0.0.1 and
-the loader streams them from there (range reads of row groups): `s3_images_s` and
-`ratio_s3_vs_local` (goal >= 0.9; the server's own CPU comes out of the same two cores).
-Runs are interleaved so load from elsewhere on the machine hits all alike; the best of `--repeats`
-is kept. Without --shards it writes synthetic 112x112 JPEG shards to a temp dir first.
+Prints one JSON object; rates are the best of `--repeats` (runs interleaved so load from elsewhere hits
+all alike), `*_median` beside. `images_s`: ShardLoader (thread mode), an epoch of shuffled, flipped
+uint8 batches (normalising runs on the training device; on a CPU it costs `cpu_normalise_images_s`).
+`ratio` = images_s / `baseline_images_s` (two processes each reading row groups, decoding, flipping,
+normalising to float32; goal >= 0.9). `ratio_vs_decode_only` = images/s per decode thread /
+`decode_only_images_s`, the anchor: one thread running bare `cv2.imdecode` over the same payloads in
+memory (goal >= 0.9); `..._one_thread`: the same with one decode thread. `simplejpeg_decode_only_*`:
+the loader's decoder in the same bare loop (chosen by this measurement). Beside them:
+`ratio_cpu_vs_decode_only` (the anchor's CPU per image / the loader process's, all threads counted:
+decoders, reader, consumer), and `two_core_scaling` (per-process rate of two bare loops at once / the
+anchor: the ceiling of a two-thread per-thread ratio on this machine).
+`rss_mb_small/large`: peak RSS of a fresh process running the loader over the shards (10 epochs) and
+over 10x as many (1 epoch), same window (`rss_window_rows`): flat when memory does not grow with the
+dataset. `ray_data_*`: Ray Data on a local 2-CPU Ray doing the same work, float or uint8 (normalised
+in the collate threads). `--s3`: the shards also go to a moto S3 server on 127.0.0.1 and an epoch is
+streamed from it (`s3_images_s`) and from disk (`s3_local_images_s`) with the same window
+(`--s3-window-rows`: an epoch of several windows, as in real datasets, not one whose first fetch is
+the whole epoch); `ratio_s3_vs_local` (goal >= 0.9). The server's CPU comes out of the same cores
+(`s3_server_cpu_us_per_image`). Without --shards it writes synthetic 112x112 JPEG shards first.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import multiprocessing as mp
@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -62,15 +62,12 @@ def write_shards(
             img = np.roll(base, (start + i) % size, axis=1)
             img = cv2.add(img, rng.integers(0, 40, img.shape, dtype=np.uint8))
             blobs.append(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
-        table = pa.table(
-            {
-                "key": pa.array(np.arange(start, start + n), pa.int64()),
-                "label": pa.array(np.arange(start, start + n) // 10, pa.int64()),
-                "image": pa.array(blobs, pa.binary()),
-            }
-        )
+        keys = np.arange(start, start + n, dtype=np.int64)
+        table = pa.table({"key": keys, "label": keys // 10, "image": pa.array(blobs, pa.binary())})
         path = out / f"part-{start // per_shard:05d}.parquet"
-        pq.write_table(table, path, row_group_size=row_group, compression="none")
+        # as facepipe's shard writer does (shards._writer_options): JPEG bytes plain, not dictionary-encoded
+        options = {"compression": "none", "use_dictionary": False, "write_statistics": ["key", "label"]}
+        pq.write_table(table, path, row_group_size=row_group, **options)
         paths.append(path)
     return paths
 
@@ -102,40 +99,39 @@ def baseline(paths: list[Path]) -> float:
         return total / (time.perf_counter() - t0)
 
 
-def loader_rate(paths: list, batch: int, workers: int, mode: str, size: int) -> tuple[float, int]:
-    """(images/s of one epoch, decode threads or processes the loader ran)."""
+def loader_rate(
+    paths: list, batch: int, workers: int, mode: str, size: int, window_rows: int = 8192, server: int = 0
+) -> tuple[float, int, float, float]:
+    """(images/s of one epoch, decode threads or processes run, CPU s per image of this process: every
+    thread, the honest cost, CPU s per image of process `server` (0: none) during the epoch)."""
     from facepipe.data.loader import ShardLoader
 
-    with ShardLoader(paths, batch, (size, size), workers=workers, mode=mode, prefetch=4) as loader:
+    kwargs = {"workers": workers, "mode": mode, "prefetch": 4, "window_rows": window_rows}
+    with ShardLoader(paths, batch, (size, size), **kwargs) as loader:
         next(iter(loader.epoch(99)))  # warm-up (pool start) outside the timing
-        t0 = time.perf_counter()
+        c0, t0, s0 = time.process_time(), time.perf_counter(), cpu_seconds(server) if server else 0.0
         n = sum(len(b.labels) for b in loader.epoch(0))
-        return n / (time.perf_counter() - t0), loader.workers
+        rate, cpu = n / (time.perf_counter() - t0), (time.process_time() - c0) / n
+        return rate, loader.workers, cpu, ((cpu_seconds(server) - s0) / n if server else 0.0)
 
 
 @contextlib.contextmanager
 def s3_copy(paths: list[Path], tmp: Path):
-    """The same shards in a bucket of a moto S3 server started here on 127.0.0.1 (stopped after)."""
+    """The same shards in a bucket of a moto S3 server started here on 127.0.0.1 (stopped after):
+    (their URIs, the server's pid)."""
     from facepipe import storage
     from tests.s3_server import start_s3_server
 
     server = start_s3_server(tmp / "moto.log")
-    saved = {k: os.environ.get(k) for k in server.env()}
     try:
-        os.environ.update(server.env())
-        server.create_bucket("bench")
-        uris = []
-        for path in paths:
-            uris.append(f"s3://bench/shards/{path.parent.name}/{path.name}")
-            storage.write_bytes(uris[-1], path.read_bytes())
-        yield uris
+        with mock.patch.dict(os.environ, server.env()):
+            server.create_bucket("bench")
+            uris = [f"s3://bench/shards/{p.parent.name}/{p.name}" for p in paths]
+            for path, uri in zip(paths, uris, strict=True):
+                storage.write_bytes(uri, path.read_bytes())
+            yield uris, server.proc.pid
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def payloads(paths: list[Path]) -> list[np.ndarray]:
@@ -149,14 +145,49 @@ def payloads(paths: list[Path]) -> list[np.ndarray]:
     return out
 
 
-def decode_only_rate(blobs: list[np.ndarray]) -> float:
-    """Images/s of one thread doing nothing but `cv2.imdecode` (the per-thread ceiling)."""
+def decode_only_rate(blobs: list[np.ndarray]) -> tuple[float, float]:
+    """(images/s, CPU seconds per image) of one thread doing nothing but `cv2.imdecode` (the per-thread
+    ceiling)."""
     import cv2
 
-    t0 = time.perf_counter()
+    c0, t0 = time.thread_time(), time.perf_counter()
     for blob in blobs:
         cv2.imdecode(blob, cv2.IMREAD_COLOR)
+    return len(blobs) / (time.perf_counter() - t0), (time.thread_time() - c0) / len(blobs)
+
+
+def simplejpeg_only_rate(blobs: list[np.ndarray], size: int) -> float:
+    """Images/s of one thread running bare `simplejpeg.decode_jpeg` into one buffer (the loader's
+    decoder, measured beside cv2's to choose between them)."""
+    import simplejpeg
+
+    buffer = np.empty((size, size, 3), np.uint8)
+    t0 = time.perf_counter()
+    for blob in blobs:
+        simplejpeg.decode_jpeg(blob, colorspace="BGR", buffer=buffer)
     return len(blobs) / (time.perf_counter() - t0)
+
+
+def _decode_only_child(paths: list[Path], start: float) -> float:
+    blobs = payloads(paths)
+    time.sleep(max(start - time.time(), 0.0))  # both children time their loops together
+    return decode_only_rate(blobs)[0]
+
+
+def decode_only_pair(paths: list[Path]) -> float:
+    """Images/s of each of two processes running the bare loop at once (mean): what two cores give
+    two decoders here, the ceiling of a two-thread loader's per-thread rate."""
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.map(abs, [0, 0])  # start-up outside the timing
+        start = time.time() + 1.0
+        return statistics.mean(pool.starmap(_decode_only_child, [(paths, start)] * 2))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far."""
+    import psutil
+
+    return sum(psutil.Process(pid).cpu_times()[:2])
 
 
 def cpu_normalise_rate(batch: int, size: int) -> float:
@@ -192,94 +223,16 @@ print(peak)
 
 def peak_rss_mb(paths: list[Path], batch: int, epochs: int = 1) -> float:
     """Peak RSS (MB, sampled per batch) of a fresh process running `epochs` loader epochs over `paths`.
-
-    The small dataset runs 10 epochs, so both sizes decode as many batches: the allocators' pools
-    (glibc arenas, Arrow's mimalloc) fill up over the first few dozen batches and row-group reads
-    whatever the dataset, which is not what is compared.
-    """
+    (The small dataset runs 10 epochs, so both sizes decode as many batches: the allocators' pools fill
+    up over the first few dozen batches whatever the dataset, which is not what is compared.)"""
     root = str(Path(__file__).resolve().parents[1])
     cmd = [sys.executable, "-c", _RSS_CHILD, root, str(batch), str(epochs), *map(str, paths)]
     return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
 
 
-def _ray_data_decode(batch: dict[str, np.ndarray], as_float: bool = True) -> dict[str, np.ndarray]:
-    """The loader's work on one Ray Data batch: decode, flip every other image, normalise to float NCHW
-    (or, with `as_float=False`, stop at uint8 NHWC and leave the normalising to the consumer)."""
-    import cv2
-
-    from facepipe.data.loader import MEAN, SCALE
-
-    blobs = batch["image"]
-    first = cv2.imdecode(np.frombuffer(blobs[0], np.uint8), cv2.IMREAD_COLOR)
-    h, w = first.shape[:2]
-    out = (
-        np.empty((len(blobs), 3, h, w), np.float32) if as_float else np.empty((len(blobs), h, w, 3), np.uint8)
-    )
-    for i, blob in enumerate(blobs):
-        img = first if i == 0 else cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
-        if i % 2:
-            img = img[:, ::-1]
-        if as_float:
-            np.subtract(img.transpose(2, 0, 1), MEAN, out=out[i])
-        else:
-            out[i] = img
-    if as_float:
-        out *= SCALE
-    return {"image": out, "label": np.asarray(batch["label"], np.int64)}
-
-
-def normalise_collate() -> Any:
-    """A collate step for `iter_torch_batches`: uint8 NHWC -> float NCHW, as the loader's feeder does."""
-    import torch
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    from facepipe.data.loader import normalise
-
-    class NormaliseCollate(NumpyBatchCollateFn):
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-            labels = torch.from_numpy(np.ascontiguousarray(batch["label"]))
-            return {"image": normalise(batch["image"]), "label": labels}
-
-    return NormaliseCollate()
-
-
-def ray_data_rate(paths: list[Path], batch: int, as_float: bool = True) -> float:
-    """Images/s of one pass of Ray Data (on the Ray this process started) over the shards.
-
-    `as_float`: the map step normalises (what a straightforward port of the loader does); otherwise it
-    ships uint8 images (4x fewer bytes through the object store) and `iter_torch_batches` normalises
-    them in its prefetch threads (`collate_fn`).
-    """
-    import ray.data
-
-    ds = ray.data.read_parquet([str(p) for p in paths]).select_columns(["image", "label"])
-    ds = ds.map_batches(
-        _ray_data_decode, batch_size=batch, batch_format="numpy", fn_kwargs={"as_float": as_float}
-    )
-    collate = None if as_float else normalise_collate()
-    t0 = time.perf_counter()
-    n = 0
-    for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=4, collate_fn=collate):
-        n += len(b["label"])
-    return n / (time.perf_counter() - t0)
-
-
-@contextlib.contextmanager
-def local_ray(cpus: int):
-    """A fresh local Ray with `cpus` CPUs for the duration of the block (never another instance)."""
-    import ray
-    import ray.data
-
-    ray.init(
-        address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
-    )
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        yield
-    finally:
-        ray.shutdown()
+def best_and_median(name: str, values: list[float], digits: int = 1) -> dict[str, float]:
+    """{name: best, name_median: median} of a measurement's repeats."""
+    return {name: round(max(values), digits), f"{name}_median": round(statistics.median(values), digits)}
 
 
 def main() -> None:
@@ -290,9 +243,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-ray-data", action="store_true", help="skip the Ray Data comparison")
-    parser.add_argument(
-        "--s3", action="store_true", help="also stream the shards from a local moto S3 server"
-    )
+    parser.add_argument("--s3", action="store_true", help="also stream the shards from a local S3 server")
+    parser.add_argument("--s3-window-rows", type=int, default=1000, help="shuffle window of the S3 pair")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.shards:
@@ -301,11 +253,10 @@ def main() -> None:
             paths = Dataset.open(args.shards).training_shards
         else:
             paths = write_shards(Path(tmp), args.images)
-        from facepipe.data.loader import shard_units
-
-        size = 112
         import cv2
         import pyarrow.parquet as pq
+
+        from facepipe.data.loader import shard_units
 
         first = pq.ParquetFile(paths[0]).read_row_group(0, columns=["image"]).column("image")[0].as_py()
         size = cv2.imdecode(np.frombuffer(first, np.uint8), cv2.IMREAD_COLOR).shape[0]
@@ -315,68 +266,84 @@ def main() -> None:
         # the baseline's processes, which would tilt the comparison.
         rows = sum(u.rows for u in shard_units(paths))
         blobs = payloads(paths)
-        base, thread, process, decode, ray_data, ray_data_u8, s3 = [], [], [], [], [], [], []
+        runs: dict[str, list[float]] = collections.defaultdict(list)
         threads = 1
-        with s3_copy(paths, Path(tmp)) if args.s3 else contextlib.nullcontext() as uris:
+        with s3_copy(paths, Path(tmp)) if args.s3 else contextlib.nullcontext((None, 0)) as (uris, moto):
             for _ in range(args.repeats):
-                base.append(baseline(paths))
-                rate, threads = loader_rate(paths, args.batch, args.workers, "thread", size)
-                thread.append(rate)
-                decode.append(decode_only_rate(blobs))
-                process.append(loader_rate(paths, args.batch, args.workers, "process", size)[0])
-                if uris:
-                    s3.append(loader_rate(uris, args.batch, args.workers, "thread", size)[0])
-        per_thread = [r / threads for r in thread]
+                runs["base"].append(baseline(paths))
+                rate, threads, cpu, _ = loader_rate(paths, args.batch, args.workers, "thread", size)
+                record(runs, thread=rate, thread_cpu=cpu)
+                record(runs, **dict(zip(("decode", "decode_cpu"), decode_only_rate(blobs), strict=True)))
+                record(runs, decode_pair=decode_only_pair(paths))
+                record(runs, simplejpeg=simplejpeg_only_rate(blobs, size))
+                runs["thread1"].append(loader_rate(paths, args.batch, 1, "thread", size)[0])
+                runs["process"].append(loader_rate(paths, args.batch, args.workers, "process", size)[0])
+                if uris:  # the same epoch from disk and from the bucket, same shuffle window
+                    local = (paths, args.batch, args.workers, "thread", size, args.s3_window_rows)
+                    runs["s3_local"].append(loader_rate(*local)[0])
+                    rate, _, cpu, server = loader_rate(uris, *local[1:], server=moto)
+                    record(runs, s3=rate, s3_cpu=cpu, s3_server_cpu=server)
         large = write_shards(Path(tmp) / "large", 10 * rows, size=size)
         rss_small, rss_large = peak_rss_mb(paths, args.batch, 10), peak_rss_mb(large, args.batch)
         if not args.no_ray_data:
+            from bench.loader_ray import local_ray, ray_data_rate
+
             with local_ray(2):
                 # warm-up: Ray's worker processes start outside the timing
                 ray_data_rate(paths[:1], args.batch)
                 for _ in range(args.repeats):
-                    ray_data.append(ray_data_rate(paths, args.batch))
-                    ray_data_u8.append(ray_data_rate(paths, args.batch, as_float=False))
-    med = statistics.median
-    out = {
-        "images": rows,
-        "image_size": size,
-        "batch": args.batch,
-        "workers": args.workers,
-        "decode_threads": threads,
-        "images_s": round(max(thread), 1),
-        "images_s_median": round(med(thread), 1),
-        "baseline_images_s": round(max(base), 1),
-        "baseline_images_s_median": round(med(base), 1),
-        "ratio": round(max(thread) / max(base), 3),
-        "ratio_median": round(med(thread) / med(base), 3),
-        "decode_only_images_s": round(max(decode), 1),
-        "decode_only_images_s_median": round(med(decode), 1),
-        "ratio_vs_decode_only": round(max(per_thread) / max(decode), 3),
-        "ratio_vs_decode_only_median": round(med(per_thread) / med(decode), 3),
-        "cpu_normalise_images_s": round(cpu_normalise_rate(args.batch, size), 1),
-        "process_mode_images_s": round(max(process), 1),
-        "process_mode_ratio": round(max(process) / max(base), 3),
-        "rss_images_small": rows,
-        "rss_images_large": 10 * rows,
-        "rss_mb_small": round(rss_small, 1),
-        "rss_mb_large": round(rss_large, 1),
-        "rss_window_rows": 2 * args.batch,
-    }
-    if s3:  # the moto server shares this machine's cores with the loader, unlike a real endpoint
-        out |= {
-            "s3_images_s": round(max(s3), 1),
-            "s3_images_s_median": round(med(s3), 1),
-            "ratio_s3_vs_local": round(max(s3) / max(thread), 3),
-            "ratio_s3_vs_local_median": round(med(s3) / med(thread), 3),
-        }
-    if ray_data:
-        out |= {
-            "ray_data_images_s": round(max(ray_data), 1),
-            "ratio_vs_ray_data": round(max(thread) / max(ray_data), 3),
-            "ray_data_uint8_images_s": round(max(ray_data_u8), 1),
-            "ratio_vs_ray_data_uint8": round(max(thread) / max(ray_data_u8), 3),
-        }
+                    runs["ray_data"].append(ray_data_rate(paths, args.batch))
+                    runs["ray_data_u8"].append(ray_data_rate(paths, args.batch, as_float=False))
+    out = _summary(runs, threads) | {"images": rows, "image_size": size, "batch": args.batch}
+    out |= {"workers": args.workers, "decode_threads": threads}
+    out |= {"cpu_normalise_images_s": round(cpu_normalise_rate(args.batch, size), 1)}
+    out |= {"rss_images_small": rows, "rss_images_large": 10 * rows, "rss_window_rows": 2 * args.batch}
+    out |= {"rss_mb_small": round(rss_small, 1), "rss_mb_large": round(rss_large, 1)}
     print(json.dumps(out))
+
+
+def record(runs: dict[str, list[float]], **values: float) -> None:
+    for name, value in values.items():
+        runs[name].append(value)
+
+
+def ratio(name: str, a: list[float], b: list[float], per: int = 1) -> dict[str, float]:
+    """{name: best of a / per / best of b, name_median: the same of the medians}."""
+    med = statistics.median
+    return {name: round(max(a) / per / max(b), 3), f"{name}_median": round(med(a) / per / med(b), 3)}
+
+
+def _summary(runs: dict[str, list[float]], threads: int) -> dict[str, float]:
+    """The JSON fields of the timed runs: each best of the repeats with the median beside it."""
+    per_cpu = {k: [1 / c for c in runs[k]] for k in ("thread_cpu", "decode_cpu", "s3_cpu")}  # images/CPU-s
+    out = best_and_median("images_s", runs["thread"]) | best_and_median("baseline_images_s", runs["base"])
+    out |= ratio("ratio", runs["thread"], runs["base"])
+    out |= best_and_median("decode_only_images_s", runs["decode"])
+    out |= ratio("ratio_vs_decode_only", runs["thread"], runs["decode"], threads)
+    out |= best_and_median("images_s_one_thread", runs["thread1"])
+    out |= ratio("ratio_vs_decode_only_one_thread", runs["thread1"], runs["decode"])
+    out |= best_and_median("simplejpeg_decode_only_images_s", runs["simplejpeg"])
+    out |= ratio("simplejpeg_vs_cv2_decode_only", runs["simplejpeg"], runs["decode"])
+    out["loader_cpu_us_per_image"] = round(min(runs["thread_cpu"]) * 1e6, 1)
+    out["decode_only_cpu_us_per_image"] = round(min(runs["decode_cpu"]) * 1e6, 1)
+    out |= ratio("ratio_cpu_vs_decode_only", per_cpu["thread_cpu"], per_cpu["decode_cpu"])
+    out |= best_and_median("decode_only_two_processes_images_s", runs["decode_pair"])
+    out |= ratio("two_core_scaling", runs["decode_pair"], runs["decode"])
+    out |= best_and_median("process_mode_images_s", runs["process"])
+    out |= ratio("process_mode_ratio", runs["process"], runs["base"])
+    if runs["s3"]:  # the moto server shares this machine's cores with the loader, unlike a real endpoint
+        out |= best_and_median("s3_images_s", runs["s3"]) | best_and_median(
+            "s3_local_images_s", runs["s3_local"]
+        )
+        out |= ratio("ratio_s3_vs_local", runs["s3"], runs["s3_local"])
+        out["s3_loader_cpu_us_per_image"] = round(min(runs["s3_cpu"]) * 1e6, 1)
+        out["s3_server_cpu_us_per_image"] = round(min(runs["s3_server_cpu"]) * 1e6, 1)
+    if runs["ray_data"]:
+        out |= best_and_median("ray_data_images_s", runs["ray_data"])
+        out |= best_and_median("ray_data_uint8_images_s", runs["ray_data_u8"])
+        out["ratio_vs_ray_data"] = round(max(runs["thread"]) / max(runs["ray_data"]), 3)
+        out["ratio_vs_ray_data_uint8"] = round(max(runs["thread"]) / max(runs["ray_data_u8"]), 3)
+    return out
 
 
 if __name__ == "__main__":

@@ -9,40 +9,42 @@ per-block scheduling cost more than the decoding itself (see bench/loader.py). T
   ran dry), rows are block-shuffled inside a window so a batch mixes many identities even though
   shards are written in label order, and the slice is cut into batches. Because the plan is pure
   arithmetic, resuming at batch k of an epoch costs nothing: batches 0..k-1 are not decoded again.
-* Each batch is decoded by a pool sized to the cores the worker was given (threads by default:
+* A reader thread (`facepipe.data.loader_read.ReadAhead`) fetches the row groups in the order the
+  plan first needs them, about a window ahead of the decoders, and drops each after its last batch:
+  each group is read once per epoch, memory stays bounded, and object-storage latency overlaps the
+  decoding. Payloads are numpy views of the Arrow buffer (no Python object per image).
+* Each batch is one task of a pool sized to the cores the worker was given (threads by default:
   pyarrow reads and `cv2.imdecode` release the GIL, so threads scale without pickling pixels between
-  processes; processes are available for decoders that hold the GIL). Decoders keep a small cache of
-  row groups, so a row group is read once per window, not once per batch. Payloads are numpy views of
-  the Arrow buffer, and each image goes from the JPEG decoder (RGB straight out of libjpeg-turbo) into
-  its slot of the batch in one cv2 call, flipped on the way where the plan says so.
+  processes; processes are available for decoders that hold the GIL). A task decodes its batch
+  image by image into the batch's preallocated memory: the JPEG decoder emits RGB directly and one
+  cv2 call puts the image in its slot, flipped on the way where the plan says so.
 * Batches are **uint8 NHWC** (pinned memory when CUDA is present): a quarter of the bytes of float,
   and the normalisation `(x - 127.5) / 128` runs on the training device as the first operation of the
-  step (`facepipe.models.preprocess.to_model_input`), where it is nearly free. The flip stays here: in
-  the decoder it replaces the plain copy into the batch and costs nothing.
-* A feeder thread keeps `prefetch` batches in flight, so the training thread only takes ready tensors
-  from a queue.
+  step (`facepipe.models.preprocess.to_model_input`), where it is nearly free.
+* The consumer hands the pool a new batch whenever it takes one, so `prefetch` decoded batches plus
+  one per decoder are ahead of it, with no extra thread between the decoders and the consumer.
 
-Memory is bounded by `prefetch` decoded batches plus the encoded bytes of the row groups one shuffle
-window spans (the decoders' cache is sized to hold them, so each row group is read once per window),
-independent of dataset size.
+Memory is bounded by those batches plus the encoded bytes of the row groups about two shuffle
+windows span, independent of dataset size.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-import contextlib
+import math
 import multiprocessing as mp
 import os
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from facepipe.data.loader_plan import Unit, batch_pieces, decode_workers, epoch_plan
+from facepipe.data.formats.decode_into import decode_into
+from facepipe.data.loader_plan import Unit, decode_workers, epoch_plan, group_by_unit
+from facepipe.data.loader_read import BinaryColumn as _BinaryColumn
+from facepipe.data.loader_read import ReadAhead, cached_group
 from facepipe.errors import DataError, FacepipeError
 
 __all__ = ["Unit", "Batch", "ShardLoader", "shard_units", "decode_rows", "normalise", "normalise_array"]
@@ -89,63 +91,24 @@ def shard_units(paths: Sequence[str | os.PathLike]) -> list[Unit]:
 # Decoding (runs in pool threads or processes; imports nothing heavy at module level)
 # ---------------------------------------------------------------------------------------------
 
-_CACHE_LOCK = threading.Lock()
-_CACHE: collections.OrderedDict[tuple[str, int], tuple[Any, Any]] = collections.OrderedDict()
 
+def _decode_piece(
+    column: _BinaryColumn, rows: np.ndarray, flips: np.ndarray, rgb: bool, out: np.ndarray, unit: Unit
+) -> None:
+    """Decode `rows` of one row group into `out[0:len(rows)]` (uint8 NHWC), flipped where `flips`."""
+    import cv2
 
-class _BinaryColumn:
-    """A binary Arrow array read as numpy views: `column[i]` is row i's bytes (no copy) or None.
-
-    Slicing the data buffer costs a fraction of a microsecond with the GIL held; `to_pylist` would copy
-    every payload into a new Python object first, work that serialises the decoding threads.
-    """
-
-    def __init__(self, array: Any) -> None:
-        import pyarrow as pa
-
-        wide = pa.types.is_large_binary(array.type)
-        dtype = np.int64 if wide else np.int32
-        itemsize = np.dtype(dtype).itemsize
-        bufs = array.buffers()
-        self.offsets = np.frombuffer(
-            bufs[1], dtype=dtype, count=len(array) + 1, offset=array.offset * itemsize
-        )
-        self.data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
-        self.valid = None if array.null_count == 0 else array.is_valid().to_numpy(zero_copy_only=False)
-        self._array = array  # keeps the buffers alive
-
-    def __getitem__(self, row: int) -> np.ndarray | None:
-        if self.valid is not None and not self.valid[row]:
-            return None
-        return self.data[self.offsets[row] : self.offsets[row + 1]]
-
-
-def _row_group(path: str, row_group: int, cache_groups: int) -> tuple[Any, Any]:
-    """(image column, label column) of one row group, through a small per-process LRU cache."""
-    key = (path, row_group)
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None:
-            _CACHE.move_to_end(key)
-            return hit
-    import pyarrow.parquet as pq
-
-    from facepipe.storage import is_remote, open_input_file
-
-    try:
-        if is_remote(path):  # object storage: range reads of this row group's two column chunks
-            with open_input_file(path) as handle:
-                table = pq.ParquetFile(handle).read_row_group(row_group, columns=["image", "label"])
-        else:
-            table = pq.ParquetFile(path).read_row_group(row_group, columns=["image", "label"])
-    except Exception as err:  # noqa: BLE001
-        raise DataError(f"cannot read row group {row_group}: {err}", path=path) from err
-    value = (_BinaryColumn(table.column("image").combine_chunks()), table.column("label").to_numpy())
-    with _CACHE_LOCK:
-        _CACHE[key] = value
-        while len(_CACHE) > max(cache_groups, 1):
-            _CACHE.popitem(last=False)
-    return value
+    starts, ends = column.spans(rows)
+    data = column.data
+    # per image: a slice, the decode into its slot and, for half of them, an in-place flip (the
+    # decoders release the GIL, so the Python between them is what the threads share)
+    for k, (a, b, flip) in enumerate(zip(starts, ends, flips.tolist(), strict=True)):
+        if not decode_into(data[a:b], out[k], rgb):
+            raise DataError(
+                "image does not decode", path=unit.path, record=f"row group {unit.row_group}, row {rows[k]}"
+            )
+        if flip:
+            cv2.flip(out[k], 1, dst=out[k])
 
 
 def decode_rows(
@@ -163,8 +126,6 @@ def decode_rows(
     pinned batch buffer), else into one array allocated here. A row that does not decode raises
     `DataError` naming the shard and the row.
     """
-    import cv2
-
     height, width = size
     total = sum(len(rows) for _, _, rows in pieces)
     shape = (total, height, width, 3)
@@ -173,30 +134,34 @@ def decode_rows(
     elif out.shape != shape or out.dtype != np.uint8:
         raise FacepipeError(f"batch buffer is {out.dtype} {out.shape}, decoding needs uint8 {shape}")
     labels = np.empty(total, dtype=np.int64)
-    # libjpeg-turbo emits either order directly: no colour-conversion pass afterwards
-    flag = cv2.IMREAD_COLOR_RGB if color_order == "RGB" else cv2.IMREAD_COLOR
-    i = 0
+    rgb, flips, i = color_order == "RGB", np.asarray(flips, dtype=bool), 0
     for path, rg, rows in pieces:
-        column, label_values = _row_group(path, rg, cache_groups)
+        column, label_values = cached_group(path, rg, cache_groups)
         rows = np.asarray(rows, dtype=np.int64)
-        labels[i : i + len(rows)] = label_values[rows]
-        for row in rows.tolist():
-            raw = column[row]
-            img = None if raw is None or not len(raw) else cv2.imdecode(raw, flag)
-            if img is None:
-                raise DataError("image does not decode", path=path, record=f"row group {rg}, row {row}")
-            # one cv2 call (C loop, GIL released) puts the image into its slot of the batch
-            dst = out[i]
-            if img.shape[0] != height or img.shape[1] != width:
-                cv2.resize(img, (width, height), dst=dst, interpolation=cv2.INTER_AREA)
-                if flips[i]:
-                    cv2.flip(dst, 1, dst=dst)
-            elif flips[i]:
-                cv2.flip(img, 1, dst=dst)
-            else:
-                dst[...] = img
-            i += 1
+        n = len(rows)
+        labels[i : i + n] = label_values[rows]
+        _decode_piece(column, rows, flips[i : i + n], rgb, out[i : i + n], Unit(path, rg, 0))
+        i += n
     return out, labels
+
+
+def _decode_batch(
+    reads: ReadAhead,
+    groups: list[tuple[int, np.ndarray]],
+    flips: np.ndarray,
+    rgb: bool,
+    out: np.ndarray,
+    labels: np.ndarray,
+) -> None:
+    """One pool task: a whole batch (per-task hand-off costs are paid once per batch, not per image)."""
+    i = 0
+    for unit, rows in groups:
+        column, label_values = reads.get(unit)
+        n = len(rows)
+        labels[i : i + n] = label_values[rows]
+        _decode_piece(column, rows, flips[i : i + n], rgb, out[i : i + n], reads.units[unit])
+        i += n
+    reads.release([unit for unit, _ in groups])
 
 
 def normalise_array(images: np.ndarray) -> np.ndarray:
@@ -235,6 +200,18 @@ def _tensor(array: np.ndarray, pin: bool) -> Any:
     return t.pin_memory() if pin else t
 
 
+def _batch_buffer(shape: tuple[int, ...], pin: bool) -> tuple[Any, np.ndarray]:
+    """(tensor, its numpy view) for one batch. Without CUDA the memory comes from numpy: torch's CPU
+    allocator hands back fresh pages for each 5 MB batch (page faults, ~2 % of the decode time)."""
+    import torch
+
+    if pin:
+        tensor = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        return tensor, tensor.numpy()
+    array = np.empty(shape, dtype=np.uint8)
+    return torch.from_numpy(array), array
+
+
 # ---------------------------------------------------------------------------------------------
 # The loader
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +224,9 @@ class ShardLoader:
     (normalise them on the training device with `facepipe.models.preprocess.to_model_input`);
     `loader.epoch(e, start_batch=k)` resumes an epoch at batch k with exactly the batches a fresh
     run would have produced from k on. `workers=None` sizes the decode pool to the cores this worker
-    was given (Ray's assignment, else the affinity mask); a number is capped at those cores.
+    was given (Ray's assignment, else the affinity mask); a number is capped at those cores. Up to
+    `prefetch` + `workers` batches are decoded or decoding ahead of the consumer; in thread mode the
+    row groups are read about `window_rows` rows ahead of those (`cache_groups`: process mode only).
     """
 
     def __init__(
@@ -335,64 +314,47 @@ class ShardLoader:
         self.close()
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        """Batches `start_batch..steps_per_epoch-1` of `epoch`, prefetched in the background."""
-        import torch
-
+        """Batches `start_batch..steps_per_epoch-1` of `epoch`, decoded ahead in the background."""
         unit_idx, row_idx, flips = self.plan(epoch)
-        pool = self._executor()
-        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        pin = _pinned()
-        shape = (self.batch_size, *self.input_size, 3)
+        pool, pin, size, bs = self._executor(), _pinned(), self.input_size, self.batch_size
+        reads = None
+        if self.mode == "thread":  # one window of batches ahead: a window's groups are fetched in time
+            ahead = math.ceil(self.window_rows / bs) + 1
+            reads = ReadAhead(self.units, unit_idx[start_batch * bs :], bs, ahead)
+        rgb = self.color_order == "RGB"
 
-        def submit(b: int) -> tuple[Any, cf.Future]:
-            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            pieces, order = batch_pieces(self.units, unit_idx[sl], row_idx[sl])
-            args = (pieces, flips[sl][order], self.input_size, self.color_order, self.cache_groups)
-            if self.mode == "process":  # pixels come back pickled; pinned on arrival
-                return None, pool.submit(decode_rows, *args)
-            # threads decode straight into the batch's (pinned) tensor: no copy after decoding
-            buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
-            return buffer, pool.submit(decode_rows, *args, buffer.numpy())
+        def submit(b: int) -> tuple[int, Any, Any, cf.Future]:
+            sl = slice(b * bs, (b + 1) * bs)
+            groups, order = group_by_unit(unit_idx[sl], row_idx[sl])
+            if reads is None:  # process mode: pixels come back pickled; pinned on arrival
+                pieces = [(self.units[u].path, self.units[u].row_group, rows) for u, rows in groups]
+                args = (pieces, flips[sl][order], size, self.color_order, self.cache_groups)
+                return b, None, None, pool.submit(decode_rows, *args)
+            # threads decode straight into the batch's (pinned) memory: no copy after decoding
+            images, array = _batch_buffer((bs, *size, 3), pin)
+            labels = np.empty(bs, dtype=np.int64)
+            reads.allow(b - start_batch + 1)
+            fut = pool.submit(_decode_batch, reads, groups, flips[sl][order], rgb, array, labels)
+            return b, images, labels, fut
 
-        def feed() -> None:
-            try:
-                pending: collections.deque[tuple[int, Any, cf.Future]] = collections.deque()
-                nxt = start_batch
-                while (nxt < self.steps_per_epoch or pending) and not stop.is_set():
-                    while nxt < self.steps_per_epoch and len(pending) < self.prefetch:
-                        pending.append((nxt, *submit(nxt)))
-                        nxt += 1
-                    b, buffer, fut = pending.popleft()
-                    images, labels = fut.result()
-                    batch = Batch(
-                        buffer if buffer is not None else _tensor(images, pin), _tensor(labels, pin), b
-                    )
-                    while not stop.is_set():
-                        try:
-                            out.put(batch, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                for _, _, fut in pending:
-                    fut.cancel()
-                out.put(None)
-            except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
-                out.put(err)
-
-        feeder = threading.Thread(target=feed, name="facepipe-feeder", daemon=True)
-        feeder.start()
+        pending: collections.deque[tuple[int, Any, Any, cf.Future]] = collections.deque()
+        nxt = start_batch
         try:
             while True:
-                item = out.get()
-                if item is None:
+                # hand the pool new batches before waiting, so it decodes while the consumer trains
+                while nxt < self.steps_per_epoch and len(pending) < self.prefetch + self.workers:
+                    pending.append(submit(nxt))
+                    nxt += 1
+                if not pending:
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                b, images, labels, fut = pending.popleft()
+                result = fut.result()
+                if images is None:
+                    images, labels = _tensor(result[0], pin), result[1]
+                yield Batch(images, _tensor(labels, pin), b)
         finally:
-            stop.set()
-            while feeder.is_alive():  # drain so a feeder blocked on a full queue sees `stop`
-                with contextlib.suppress(queue.Empty):
-                    out.get(timeout=0.1)
-            feeder.join()
+            for *_, fut in pending:
+                fut.cancel()
+            if reads is not None:
+                reads.close()  # wakes tasks waiting for a row group that will not come
+            cf.wait([fut for *_, fut in pending])

@@ -71,22 +71,42 @@ def epoch_plan(
     return unit_idx, row_idx, flips
 
 
-def batch_pieces(
-    units: Sequence[Unit], unit_idx: np.ndarray, row_idx: np.ndarray
-) -> tuple[list[tuple[str, int, np.ndarray]], np.ndarray]:
-    """Group a batch's rows into per-row-group pieces, keeping the batch order within pieces.
+def group_by_unit(
+    unit_idx: np.ndarray, row_idx: np.ndarray
+) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
+    """A batch's rows grouped per unit, keeping the batch order within a unit: ([(unit, rows)], order).
 
-    Returns the pieces and the permutation of the batch they follow (flips must be reordered by it).
+    `order` is the permutation of the batch the groups follow (flips must be reordered by it).
     """
-    pieces = []
     # stable sort by unit so rows of one row group are read together; order then follows units
     order = np.argsort(unit_idx, kind="stable")
     u_sorted, r_sorted = unit_idx[order], row_idx[order]
-    bounds = np.flatnonzero(np.diff(u_sorted)) + 1
-    for us, rs in zip(np.split(u_sorted, bounds), np.split(r_sorted, bounds), strict=True):
-        unit = units[int(us[0])]
-        pieces.append((unit.path, unit.row_group, rs))
-    return pieces, order
+    bounds = (np.flatnonzero(u_sorted[1:] != u_sorted[:-1]) + 1).tolist()
+    starts, ends = [0, *bounds], [*bounds, len(u_sorted)]
+    groups = [(u, r_sorted[a:b]) for u, a, b in zip(u_sorted[starts].tolist(), starts, ends, strict=True)]
+    return groups, order
+
+
+def batch_pieces(
+    units: Sequence[Unit], unit_idx: np.ndarray, row_idx: np.ndarray
+) -> tuple[list[tuple[str, int, np.ndarray]], np.ndarray]:
+    """`group_by_unit` with each unit named by (shard path, row group): the pieces `decode_rows` takes."""
+    groups, order = group_by_unit(unit_idx, row_idx)
+    return [(units[u].path, units[u].row_group, rows) for u, rows in groups], order
+
+
+def read_schedule(unit_idx: np.ndarray, batch_size: int) -> tuple[list[tuple[int, int]], dict[int, int]]:
+    """When the batches of `unit_idx` (batch k is `unit_idx[k*B:(k+1)*B]`) need each unit.
+
+    Returns the units in order of first use as (unit, first batch), and the number of batches that
+    use each unit (after that many, its rows can be dropped).
+    """
+    nb = max(len(unit_idx) // batch_size, 1)
+    pairs = np.unique(unit_idx.astype(np.int64) * nb + np.arange(len(unit_idx)) // batch_size)
+    ids, at, uses = np.unique(pairs // nb, return_index=True, return_counts=True)
+    first = pairs[at] % nb  # pairs sort by unit, then batch: a unit's first pair is its first batch
+    order = [(int(u), int(b)) for b, u in sorted(zip(first.tolist(), ids.tolist(), strict=True))]
+    return order, dict(zip(ids.tolist(), uses.tolist(), strict=True))
 
 
 def assigned_cores() -> int:
