@@ -20,7 +20,10 @@ in the collate threads). `--s3`: the shards also go to a moto S3 server on 127.0
 streamed from it (`s3_images_s`) and from disk (`s3_local_images_s`) with the same window
 (`--s3-window-rows`: an epoch of several windows, as in real datasets, not one whose first fetch is
 the whole epoch); `ratio_s3_vs_local` (goal >= 0.9). The server's CPU comes out of the same cores
-(`s3_server_cpu_us_per_image`). Without --shards it writes synthetic 112x112 JPEG shards first.
+(`s3_server_cpu_us_per_image`), so the pair runs `--s3-workers` decode threads (default 1): the
+second core serves the requests, as a real endpoint's own machine would, and the ratio measures
+what the read-ahead is for, hiding the requests' latency behind the decoding. Without --shards it
+writes synthetic 112x112 JPEG shards first.
 """
 
 from __future__ import annotations
@@ -245,6 +248,7 @@ def main() -> None:
     parser.add_argument("--no-ray-data", action="store_true", help="skip the Ray Data comparison")
     parser.add_argument("--s3", action="store_true", help="also stream the shards from a local S3 server")
     parser.add_argument("--s3-window-rows", type=int, default=1000, help="shuffle window of the S3 pair")
+    parser.add_argument("--s3-workers", type=int, default=1, help="decode threads of the S3 pair")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.shards:
@@ -279,7 +283,7 @@ def main() -> None:
                 runs["thread1"].append(loader_rate(paths, args.batch, 1, "thread", size)[0])
                 runs["process"].append(loader_rate(paths, args.batch, args.workers, "process", size)[0])
                 if uris:  # the same epoch from disk and from the bucket, same shuffle window
-                    local = (paths, args.batch, args.workers, "thread", size, args.s3_window_rows)
+                    local = (paths, args.batch, args.s3_workers, "thread", size, args.s3_window_rows)
                     runs["s3_local"].append(loader_rate(*local)[0])
                     rate, _, cpu, server = loader_rate(uris, *local[1:], server=moto)
                     record(runs, s3=rate, s3_cpu=cpu, s3_server_cpu=server)
@@ -294,7 +298,7 @@ def main() -> None:
                 for _ in range(args.repeats):
                     runs["ray_data"].append(ray_data_rate(paths, args.batch))
                     runs["ray_data_u8"].append(ray_data_rate(paths, args.batch, as_float=False))
-    out = _summary(runs, threads) | {"images": rows, "image_size": size, "batch": args.batch}
+    out = _summary(runs, threads, args.s3_workers) | {"images": rows, "image_size": size, "batch": args.batch}
     out |= {"workers": args.workers, "decode_threads": threads}
     out |= {"cpu_normalise_images_s": round(cpu_normalise_rate(args.batch, size), 1)}
     out |= {"rss_images_small": rows, "rss_images_large": 10 * rows, "rss_window_rows": 2 * args.batch}
@@ -313,7 +317,7 @@ def ratio(name: str, a: list[float], b: list[float], per: int = 1) -> dict[str, 
     return {name: round(max(a) / per / max(b), 3), f"{name}_median": round(med(a) / per / med(b), 3)}
 
 
-def _summary(runs: dict[str, list[float]], threads: int) -> dict[str, float]:
+def _summary(runs: dict[str, list[float]], threads: int, s3_workers: int) -> dict[str, float]:
     """The JSON fields of the timed runs: each best of the repeats with the median beside it."""
     per_cpu = {k: [1 / c for c in runs[k]] for k in ("thread_cpu", "decode_cpu", "s3_cpu")}  # images/CPU-s
     out = best_and_median("images_s", runs["thread"]) | best_and_median("baseline_images_s", runs["base"])
@@ -331,6 +335,7 @@ def _summary(runs: dict[str, list[float]], threads: int) -> dict[str, float]:
     out |= ratio("two_core_scaling", runs["decode_pair"], runs["decode"])
     out |= best_and_median("process_mode_images_s", runs["process"])
     out |= ratio("process_mode_ratio", runs["process"], runs["base"])
+    out |= ratio("process_mode_ratio_vs_decode_only", runs["process"], runs["decode"], threads)
     if runs["s3"]:  # the moto server shares this machine's cores with the loader, unlike a real endpoint
         out |= best_and_median("s3_images_s", runs["s3"]) | best_and_median(
             "s3_local_images_s", runs["s3_local"]
@@ -338,6 +343,7 @@ def _summary(runs: dict[str, list[float]], threads: int) -> dict[str, float]:
         out |= ratio("ratio_s3_vs_local", runs["s3"], runs["s3_local"])
         out["s3_loader_cpu_us_per_image"] = round(min(runs["s3_cpu"]) * 1e6, 1)
         out["s3_server_cpu_us_per_image"] = round(min(runs["s3_server_cpu"]) * 1e6, 1)
+        out["s3_decode_workers"] = s3_workers
     if runs["ray_data"]:
         out |= best_and_median("ray_data_images_s", runs["ray_data"])
         out |= best_and_median("ray_data_uint8_images_s", runs["ray_data_u8"])

@@ -10,21 +10,24 @@ per-block scheduling cost more than the decoding itself (see bench/loader.py). T
   shards are written in label order, and the slice is cut into batches. Because the plan is pure
   arithmetic, resuming at batch k of an epoch costs nothing: batches 0..k-1 are not decoded again.
 * A reader thread (`facepipe.data.loader_read.ReadAhead`) fetches the row groups in the order the
-  plan first needs them, about a window ahead of the decoders, and drops each after its last batch:
+  plan first needs them, about two windows ahead of the decoders, and drops each after its last batch:
   each group is read once per epoch, memory stays bounded, and object-storage latency overlaps the
   decoding. Payloads are numpy views of the Arrow buffer (no Python object per image).
-* Each batch is one task of a pool sized to the cores the worker was given (threads by default:
-  pyarrow reads and `cv2.imdecode` release the GIL, so threads scale without pickling pixels between
-  processes; processes are available for decoders that hold the GIL). A task decodes its batch
-  image by image into the batch's preallocated memory: the JPEG decoder emits RGB directly and one
-  cv2 call puts the image in its slot, flipped on the way where the plan says so.
+* Each batch is one task of a pool sized to the cores the worker was given. A task decodes its batch
+  image by image into the batch's preallocated memory (`facepipe.data.formats.decode_into`: the JPEG
+  decoder writes RGB straight into the image's slot), flipped in place where the plan says so.
+  - `mode="thread"` (default): decoders are threads; the decoders release the GIL, but every image
+    still takes it back a few times, and the hand-overs cost more as threads are added.
+  - `mode="process"`: decoders are processes that decode into shared memory
+    (`facepipe.data.loader_shared`): no GIL between them and no pixels through a pipe, for one copy
+    out of shared memory per batch. They read their row groups themselves (`cache_groups`).
 * Batches are **uint8 NHWC** (pinned memory when CUDA is present): a quarter of the bytes of float,
   and the normalisation `(x - 127.5) / 128` runs on the training device as the first operation of the
   step (`facepipe.models.preprocess.to_model_input`), where it is nearly free.
 * The consumer hands the pool a new batch whenever it takes one, so `prefetch` decoded batches plus
   one per decoder are ahead of it, with no extra thread between the decoders and the consumer.
 
-Memory is bounded by those batches plus the encoded bytes of the row groups about two shuffle
+Memory is bounded by those batches plus the encoded bytes of the row groups about three shuffle
 windows span, independent of dataset size.
 """
 
@@ -45,6 +48,8 @@ from facepipe.data.formats.decode_into import decode_into
 from facepipe.data.loader_plan import Unit, decode_workers, epoch_plan, group_by_unit
 from facepipe.data.loader_read import BinaryColumn as _BinaryColumn
 from facepipe.data.loader_read import ReadAhead, cached_group
+from facepipe.data.loader_shared import SharedSlots, slot_view
+from facepipe.data.worker_pool import die_with_parent
 from facepipe.errors import DataError, FacepipeError
 
 __all__ = ["Unit", "Batch", "ShardLoader", "shard_units", "decode_rows", "normalise", "normalise_array"]
@@ -103,10 +108,9 @@ def _decode_piece(
     # per image: a slice, the decode into its slot and, for half of them, an in-place flip (the
     # decoders release the GIL, so the Python between them is what the threads share)
     for k, (a, b, flip) in enumerate(zip(starts, ends, flips.tolist(), strict=True)):
-        if not decode_into(data[a:b], out[k], rgb):
-            raise DataError(
-                "image does not decode", path=unit.path, record=f"row group {unit.row_group}, row {rows[k]}"
-            )
+        problem = decode_into(data[a:b], out[k], rgb)
+        if problem is not None:
+            raise DataError(problem, path=unit.path, record=f"row group {unit.row_group}, row {rows[k]}")
         if flip:
             cv2.flip(out[k], 1, dst=out[k])
 
@@ -143,6 +147,14 @@ def decode_rows(
         _decode_piece(column, rows, flips[i : i + n], rgb, out[i : i + n], Unit(path, rg, 0))
         i += n
     return out, labels
+
+
+def _decode_to_slot(
+    block: str, slot: int, pieces: list, flips: np.ndarray, size: tuple[int, int], order: str, cache: int
+) -> np.ndarray:
+    """A process-mode task: decode a batch into its slot of the shared block; only the labels go back."""
+    out = slot_view(block, slot, (len(flips), *size, 3))
+    return decode_rows(pieces, flips, size, order, cache, out)[1]
 
 
 def _decode_batch(
@@ -226,7 +238,7 @@ class ShardLoader:
     run would have produced from k on. `workers=None` sizes the decode pool to the cores this worker
     was given (Ray's assignment, else the affinity mask); a number is capped at those cores. Up to
     `prefetch` + `workers` batches are decoded or decoding ahead of the consumer; in thread mode the
-    row groups are read about `window_rows` rows ahead of those (`cache_groups`: process mode only).
+    row groups are read about 2 × `window_rows` rows ahead of those (`cache_groups`: process mode only).
     """
 
     def __init__(
@@ -299,7 +311,10 @@ class ShardLoader:
                 self._pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="facepipe-decode")
             else:
                 # spawn: the training process holds torch/gloo threads that must not be forked
-                self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+                # a killed training process takes its decoders with it (no orphans)
+                self._pool = cf.ProcessPoolExecutor(
+                    self.workers, mp.get_context("spawn"), die_with_parent, (os.getpid(),)
+                )
         return self._pool
 
     def close(self) -> None:
@@ -317,19 +332,24 @@ class ShardLoader:
         """Batches `start_batch..steps_per_epoch-1` of `epoch`, decoded ahead in the background."""
         unit_idx, row_idx, flips = self.plan(epoch)
         pool, pin, size, bs = self._executor(), _pinned(), self.input_size, self.batch_size
-        reads = None
-        if self.mode == "thread":  # one window of batches ahead: a window's groups are fetched in time
-            ahead = math.ceil(self.window_rows / bs) + 1
+        reads, slots = None, None
+        if self.mode == "thread":
+            # two windows of batches ahead: one covers the groups a window touches on a local disk;
+            # on object storage a second hides the requests' latency (bench/loader.py, ratio_s3_vs_local)
+            ahead = 2 * math.ceil(self.window_rows / bs) + 1
             reads = ReadAhead(self.units, unit_idx[start_batch * bs :], bs, ahead)
+        else:  # decoders write into shared memory: the pixels cross no pipe
+            slots = SharedSlots(self.prefetch + self.workers, (bs, *size, 3))
         rgb = self.color_order == "RGB"
 
         def submit(b: int) -> tuple[int, Any, Any, cf.Future]:
             sl = slice(b * bs, (b + 1) * bs)
             groups, order = group_by_unit(unit_idx[sl], row_idx[sl])
-            if reads is None:  # process mode: pixels come back pickled; pinned on arrival
+            if slots is not None:  # (batch, its slot, -, labels to come)
                 pieces = [(self.units[u].path, self.units[u].row_group, rows) for u, rows in groups]
                 args = (pieces, flips[sl][order], size, self.color_order, self.cache_groups)
-                return b, None, None, pool.submit(decode_rows, *args)
+                slot = slots.take()
+                return b, slot, None, pool.submit(_decode_to_slot, slots.name, slot, *args)
             # threads decode straight into the batch's (pinned) memory: no copy after decoding
             images, array = _batch_buffer((bs, *size, 3), pin)
             labels = np.empty(bs, dtype=np.int64)
@@ -349,8 +369,11 @@ class ShardLoader:
                     return
                 b, images, labels, fut = pending.popleft()
                 result = fut.result()
-                if images is None:
-                    images, labels = _tensor(result[0], pin), result[1]
+                if slots is not None:  # one copy out of the slot (`images` is its number) for reuse
+                    slot, (images, array) = images, _batch_buffer((bs, *size, 3), pin)
+                    np.copyto(array, slots.view(slot))
+                    slots.give(slot)
+                    labels = result
                 yield Batch(images, _tensor(labels, pin), b)
         finally:
             for *_, fut in pending:
@@ -358,3 +381,5 @@ class ShardLoader:
             if reads is not None:
                 reads.close()  # wakes tasks waiting for a row group that will not come
             cf.wait([fut for *_, fut in pending])
+            if slots is not None:
+                slots.close()

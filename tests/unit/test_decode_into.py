@@ -63,7 +63,7 @@ def test_same_pixels_as_cv2(rgb, shape):
     for name, data in cases.items():
         payload = np.frombuffer(data, np.uint8)
         slot = np.full(shape, 7, np.uint8)
-        assert decode_into(payload, slot, rgb), name
+        assert decode_into(payload, slot, rgb) is None, name
         assert np.array_equal(slot, _reference(payload, shape, rgb)), name
 
 
@@ -80,11 +80,11 @@ def test_the_fast_path_takes_plain_jpegs_and_leaves_the_rest_to_cv2():
 def test_bad_payloads_do_not_decode_and_a_truncated_jpeg_decodes_as_cv2_does():
     slot = np.empty((112, 112, 3), np.uint8)
     for bad in (b"", b"\xff\xd8", b"\xff\xd8\xff\xe0\x00\x10JFIF", bytes(500), b"not an image at all"):
-        assert not decode_into(np.frombuffer(bad, np.uint8), slot, True), bad[:12]
+        assert decode_into(np.frombuffer(bad, np.uint8), slot, True) is not None, bad[:12]
     whole = _jpegs()["420-q95"]
     truncated = np.frombuffer(whole[: len(whole) * 2 // 3], np.uint8)
     expected = _reference(truncated, slot.shape, True)
-    assert decode_into(truncated, slot, True) == (expected is not None)
+    assert (decode_into(truncated, slot, True) is None) == (expected is not None)
     if expected is not None:
         assert np.array_equal(slot, expected)
 
@@ -99,5 +99,20 @@ def test_real_photos(faces_dir: Path):
         own = cv2.imdecode(payload, cv2.IMREAD_COLOR)
         for shape in (own.shape, (112, 112, 3)):
             slot = np.empty(shape, np.uint8)
-            assert decode_into(payload, slot, True), path
+            assert decode_into(payload, slot, True) is None, path
             assert np.array_equal(slot, _reference(payload, shape, True)), path
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding():
+    """A PNG and a JPEG whose headers declare 30000×30000 ("pixel bombs"): refused with the declared
+    size, and the slot is not touched."""
+    png = bytearray(cv2.imencode(".png", _face_like(2, (8, 8)))[1].tobytes())
+    png[16:24] = (30000).to_bytes(4, "big") + (30000).to_bytes(4, "big")  # IHDR width, height
+    jpeg = bytearray(cv2.imencode(".jpg", _face_like(2, (8, 8)))[1].tobytes())
+    sof = jpeg.index(b"\xff\xc0")  # baseline frame header: length, precision, height, width
+    jpeg[sof + 5 : sof + 9] = (30000).to_bytes(2, "big") + (30000).to_bytes(2, "big")
+    for bomb in (png, jpeg):
+        slot = np.full((112, 112, 3), 9, np.uint8)
+        problem = decode_into(np.frombuffer(bytes(bomb), np.uint8), slot, True, max_pixels=10_000_000)
+        assert problem is not None and "30000x30000" in problem
+        assert (slot == 9).all()

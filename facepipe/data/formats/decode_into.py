@@ -9,12 +9,15 @@ progressive and grayscale files). bench/loader.py measures both decoders in the 
 
 Everything else goes to `cv2.imdecode`, exactly as before: other formats (PNG, WebP …), a JPEG with
 an EXIF segment (cv2 applies its orientation), CMYK, a JPEG of another size (resized into the slot),
-and data libjpeg warns about (cv2 keeps what decodes of a truncated file).
+and data libjpeg warns about (cv2 keeps what decodes of a truncated file). That path checks the
+declared size first (`image_header.size_problem`): the shards may come from elsewhere than decode.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from facepipe.data.formats.image_header import DEFAULT_MAX_PIXELS, size_problem
 
 __all__ = ["decode_into"]
 
@@ -48,18 +51,26 @@ def _simple_jpeg(payload: np.ndarray, slot: np.ndarray, rgb: bool) -> bool:
     return image.shape == slot.shape
 
 
-def decode_into(payload: np.ndarray, slot: np.ndarray, rgb: bool) -> bool:
+def decode_into(
+    payload: np.ndarray, slot: np.ndarray, rgb: bool, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> str | None:
     """Decode `payload` (uint8 bytes) into `slot` (uint8 H×W×3, C-contiguous) in RGB or BGR order,
-    resized with INTER_AREA when the image has another size. False when it does not decode at all."""
+    resized with INTER_AREA when the image has another size. Returns None, or why it did not decode.
+
+    The fast path cannot overrun the slot; the general one first reads the declared size from the
+    header, so an image declaring more than `max_pixels` is refused before anything is allocated."""
     import cv2
 
     if _simple_jpeg(payload, slot, rgb):
-        return True
-    image = cv2.imdecode(payload, cv2.IMREAD_COLOR_RGB if rgb else cv2.IMREAD_COLOR) if len(payload) else None
+        return None
+    problem = size_problem(payload.tobytes(), max_pixels) if len(payload) else ("empty", "empty payload")
+    if problem is not None and problem[0] in ("too_large", "empty"):
+        return problem[1]
+    image = cv2.imdecode(payload, cv2.IMREAD_COLOR_RGB if rgb else cv2.IMREAD_COLOR)
     if image is None:
-        return False
+        return "image does not decode"
     if image.shape == slot.shape:
         slot[...] = image
     else:
         cv2.resize(image, (slot.shape[1], slot.shape[0]), dst=slot, interpolation=cv2.INTER_AREA)
-    return True
+    return None
