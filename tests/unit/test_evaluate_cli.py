@@ -79,22 +79,11 @@ def test_evaluate_parquet_features_and_no_uncertainty(tmp_path, inputs):
     loaded = load_pair_features(feats, pairs)
     np.testing.assert_array_equal(loaded.embeddings, f.embeddings)
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--features",
-                str(feats),
-                "--pairs",
-                str(pairs),
-                "--out",
-                str(out),
-                "--uncertainty",
-                "none",
-            ]
-        )
-        == 0
-    )
+    argv = [
+        "evaluate", "--features", str(feats), "--pairs", str(pairs), "--out", str(out), "--uncertainty",
+        "none",
+    ]  # fmt: skip
+    assert main(argv) == 0
     assert not (out / "risk.png").exists()
 
 
@@ -155,20 +144,8 @@ def test_bad_inputs_name_the_file(tmp_path, inputs, capsys):
     corrupt.write_bytes(b"not a zip")
     assert main(["evaluate", "--features", str(corrupt), "--out", out]) == 2
     assert "corrupt.npz" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "evaluate",
-                "--features",
-                str(feats),
-                "--pairs",
-                str(pairs),
-                "--out",
-                out,
-                "--rejection",
-                "0,1.5",
-            ]
-        )
-        == 2
-    )
+    argv = [
+        "evaluate", "--features", str(feats), "--pairs", str(pairs), "--out", out, "--rejection", "0,1.5",
+    ]  # fmt: skip
+    assert main(argv) == 2
     assert not (tmp_path / "out" / "metrics.json").exists()

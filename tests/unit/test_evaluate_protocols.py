@@ -194,42 +194,22 @@ def test_model_on_generated_ijb_and_video_protocols(synth_protocols, tmp_path):
 
     model = _bundle(tmp_path / "model", "probface")
     out = tmp_path / "ijb"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                str(model),
-                "--protocol",
-                str(synth_protocols / "protocols" / "ijb"),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    argv = [
+        "evaluate", "--model", str(model), "--protocol", str(synth_protocols / "protocols" / "ijb"),
+        "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_templates"] == 12 and "tar_at_far_nearest" in metrics
     assert set(metrics["identification"]["galleries"]) == {"G1", "G2"}
     feats = np.load(out / "features.npz")
     assert feats["embeddings"].shape[0] == feats["templates"].shape[0] and "uncertainty" in feats
     out = tmp_path / "video"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                str(model),
-                "--protocol",
-                str(synth_protocols / "protocols" / "video"),
-                "--folds",
-                "2",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    argv = [
+        "evaluate", "--model", str(model), "--protocol", str(synth_protocols / "protocols" / "video"),
+        "--folds", "2", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
     assert set(json.loads((out / "metrics.json").read_text())["fusions"]) == {"mean", "probface"}
 
 
