@@ -13,6 +13,7 @@ incomplete; rerunning the publish skips the objects already there and completes 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -107,7 +108,7 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(Path(text).resolve())
     scheme, _, rest = text.partition("://")
     if scheme in ("s3", "s3a"):
-        return pafs.S3FileSystem(**s3_options()), rest.rstrip("/")
+        return _s3_filesystem(tuple(sorted(s3_options().items())), _aws_keys()), rest.rstrip("/")
     try:
         return pafs.FileSystem.from_uri(text)
     except _from_uri_errors() as err:  # a scheme pyarrow lacks: fsspec's, through pyarrow's handler
@@ -118,6 +119,19 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         except (ImportError, ValueError) as fs_err:
             raise ValueError(f"{text}: no filesystem for this location ({err}; {fs_err})") from None
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/")
+
+
+def _aws_keys() -> tuple[str | None, ...]:
+    """The credential variables a new S3 filesystem would read: part of its cache key."""
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    return tuple(os.environ.get(name) for name in names)
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(options: tuple[tuple[str, Any], ...], keys: tuple[str | None, ...]) -> pafs.S3FileSystem:
+    """One S3 filesystem per endpoint and credentials for the process: making one costs ~20 ms of CPU
+    (the AWS SDK client), more than a small read; the loader opens a row group's file many times."""
+    return pafs.S3FileSystem(**dict(options))
 
 
 def _from_uri_errors() -> tuple[type[BaseException], ...]:

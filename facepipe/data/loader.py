@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from facepipe.data.formats.decode_into import decode_into
-from facepipe.data.loader_plan import Unit, decode_workers, epoch_plan, group_by_unit
+from facepipe.data.loader_plan import Unit, batch_pieces, decode_workers, epoch_plan, group_by_unit
 from facepipe.data.loader_read import BinaryColumn as _BinaryColumn
 from facepipe.data.loader_read import ReadAhead, cached_group
 from facepipe.data.loader_shared import SharedSlots, slot_view
@@ -344,12 +344,12 @@ class ShardLoader:
 
         def submit(b: int) -> tuple[int, Any, Any, cf.Future]:
             sl = slice(b * bs, (b + 1) * bs)
-            groups, order = group_by_unit(unit_idx[sl], row_idx[sl])
             if slots is not None:  # (batch, its slot, -, labels to come)
-                pieces = [(self.units[u].path, self.units[u].row_group, rows) for u, rows in groups]
+                pieces, order = batch_pieces(self.units, unit_idx[sl], row_idx[sl])
                 args = (pieces, flips[sl][order], size, self.color_order, self.cache_groups)
                 slot = slots.take()
                 return b, slot, None, pool.submit(_decode_to_slot, slots.name, slot, *args)
+            groups, order = group_by_unit(unit_idx[sl], row_idx[sl])
             # threads decode straight into the batch's (pinned) memory: no copy after decoding
             images, array = _batch_buffer((bs, *size, 3), pin)
             labels = np.empty(bs, dtype=np.int64)

@@ -59,35 +59,15 @@ class BinaryColumn:
         return starts.tolist(), ends.tolist()
 
 
-_FILESYSTEMS: dict[tuple, Any] = {}
-
-
-def _remote_input(path: str) -> Any:
-    """`storage.open_input_file(path)`, with one S3 filesystem per endpoint for the process: making
-    one costs ~20 ms of CPU (the AWS SDK client), more than reading a row group."""
-    import pyarrow.fs as pafs
-
-    from facepipe.storage import open_input_file, s3_options
-
-    scheme, _, rest = path.partition("://")
-    if scheme not in ("s3", "s3a"):
-        return open_input_file(path)
-    options = s3_options()
-    key = tuple(sorted(options.items()))
-    if key not in _FILESYSTEMS:
-        _FILESYSTEMS[key] = pafs.S3FileSystem(**options)
-    return _FILESYSTEMS[key].open_input_file(rest.rstrip("/"))
-
-
 def open_shard(path: str) -> Any:
     """A `ParquetFile` for `path`; on object storage each row-group read is one coalesced range request."""
     import pyarrow.parquet as pq
 
-    from facepipe.storage import is_remote
+    from facepipe.storage import is_remote, open_input_file
 
     try:
         if is_remote(path):
-            return pq.ParquetFile(_remote_input(path), pre_buffer=True)
+            return pq.ParquetFile(open_input_file(path), pre_buffer=True)
         return pq.ParquetFile(path)
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad footer
         raise DataError(f"cannot open shard: {err}", path=path) from err

@@ -15,7 +15,9 @@ declared size first (`image_header.size_problem`): the shards may come from else
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
+import simplejpeg
 
 from facepipe.data.formats.image_header import DEFAULT_MAX_PIXELS, size_problem
 
@@ -39,8 +41,6 @@ def _has_exif(data: memoryview) -> bool:
 
 def _simple_jpeg(payload: np.ndarray, slot: np.ndarray, rgb: bool) -> bool:
     """libjpeg-turbo into `slot`: True when it decoded an image of exactly the slot's shape."""
-    import simplejpeg
-
     data = memoryview(payload)
     if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8 or _has_exif(data):
         return False
@@ -59,8 +59,6 @@ def decode_into(
 
     The fast path cannot overrun the slot; the general one first reads the declared size from the
     header, so an image declaring more than `max_pixels` is refused before anything is allocated."""
-    import cv2
-
     if _simple_jpeg(payload, slot, rgb):
         return None
     problem = size_problem(payload.tobytes(), max_pixels) if len(payload) else ("empty", "empty payload")
