@@ -4,12 +4,16 @@
 
 Prints one JSON object; rates are the best of `--repeats` (runs interleaved so load from elsewhere hits
 all alike), `*_median` beside. `images_s`: ShardLoader (thread mode), an epoch of shuffled, flipped
-uint8 batches (normalising runs on the training device; on a CPU it costs `cpu_normalise_images_s`).
+uint8 batches following a whole epoch, as in training (`images_s_first_epoch`: a new loader's first,
+which waits for its first row groups and starts the pool). Normalising runs on the training device
+(on a CPU it costs `cpu_normalise_images_s`).
 `ratio` = images_s / `baseline_images_s` (two processes each reading row groups, decoding, flipping,
 normalising to float32; goal >= 0.9). `ratio_vs_decode_only` = images/s per decode thread /
 `decode_only_images_s`, the anchor: one thread running bare `cv2.imdecode` over the same payloads in
-memory (goal >= 0.9); `..._one_thread`: the same with one decode thread. `simplejpeg_decode_only_*`:
-the loader's decoder in the same bare loop (chosen by this measurement). Beside them:
+memory (goal >= 0.9); `..._one_thread`: the same with one decode thread. `batch_decoder`: whether
+the C batch decoder (one GIL release per row group) was built; `images_s_per_image_decoder` and its
+ratio: the same loader with it turned off (image by image in Python, as before it). `simplejpeg_*`:
+the per-image path's decoder in the same bare loop (chosen by this measurement). Beside them:
 `ratio_cpu_vs_decode_only` (the anchor's CPU per image / the loader process's, all threads counted:
 decoders, reader, consumer), and `two_core_scaling` (per-process rate of two bare loops at once / the
 anchor: the ceiling of a two-thread per-thread ratio on this machine).
@@ -104,18 +108,21 @@ def baseline(paths: list[Path]) -> float:
 
 def loader_rate(
     paths: list, batch: int, workers: int, mode: str, size: int, window_rows: int = 8192, server: int = 0
-) -> tuple[float, int, float, float]:
-    """(images/s of one epoch, decode threads or processes run, CPU s per image of this process: every
-    thread, the honest cost, CPU s per image of process `server` (0: none) during the epoch)."""
+) -> tuple[float, int, float, float, float]:
+    """(images/s of an epoch mid-training, decode threads or processes run, CPU s per image of this
+    process: every thread, the honest cost, CPU s per image of process `server` (0: none) during the
+    epoch, images/s of the loader's first epoch). The timed epoch follows a whole one, as in training
+    (its first row groups were read while the one before ended); the first pays the pool's start."""
     from facepipe.data.loader import ShardLoader
 
     kwargs = {"workers": workers, "mode": mode, "prefetch": 4, "window_rows": window_rows}
     with ShardLoader(paths, batch, (size, size), **kwargs) as loader:
-        next(iter(loader.epoch(99)))  # warm-up (pool start) outside the timing
+        t0 = time.perf_counter()
+        first = sum(len(b.labels) for b in loader.epoch(0)) / (time.perf_counter() - t0)
         c0, t0, s0 = time.process_time(), time.perf_counter(), cpu_seconds(server) if server else 0.0
-        n = sum(len(b.labels) for b in loader.epoch(0))
+        n = sum(len(b.labels) for b in loader.epoch(1))
         rate, cpu = n / (time.perf_counter() - t0), (time.process_time() - c0) / n
-        return rate, loader.workers, cpu, ((cpu_seconds(server) - s0) / n if server else 0.0)
+        return rate, loader.workers, cpu, ((cpu_seconds(server) - s0) / n if server else 0.0), first
 
 
 @contextlib.contextmanager
@@ -260,6 +267,7 @@ def main() -> None:
         import cv2
         import pyarrow.parquet as pq
 
+        from facepipe.data.formats.decode_into import batch_decoder_built, use_batch_decoder
         from facepipe.data.loader import shard_units
 
         first = pq.ParquetFile(paths[0]).read_row_group(0, columns=["image"]).column("image")[0].as_py()
@@ -275,8 +283,12 @@ def main() -> None:
         with s3_copy(paths, Path(tmp)) if args.s3 else contextlib.nullcontext((None, 0)) as (uris, moto):
             for _ in range(args.repeats):
                 runs["base"].append(baseline(paths))
-                rate, threads, cpu, _ = loader_rate(paths, args.batch, args.workers, "thread", size)
-                record(runs, thread=rate, thread_cpu=cpu)
+                rate, threads, cpu, _, first = loader_rate(paths, args.batch, args.workers, "thread", size)
+                record(runs, thread=rate, thread_cpu=cpu, thread_first_epoch=first)
+                if batch_decoder_built():  # the same loader, image by image (the path before it)
+                    previous = use_batch_decoder(False)
+                    runs["per_image"].append(loader_rate(paths, args.batch, args.workers, "thread", size)[0])
+                    use_batch_decoder(previous)
                 record(runs, **dict(zip(("decode", "decode_cpu"), decode_only_rate(blobs), strict=True)))
                 record(runs, decode_pair=decode_only_pair(paths))
                 record(runs, simplejpeg=simplejpeg_only_rate(blobs, size))
@@ -285,7 +297,7 @@ def main() -> None:
                 if uris:  # the same epoch from disk and from the bucket, same shuffle window
                     local = (paths, args.batch, args.s3_workers, "thread", size, args.s3_window_rows)
                     runs["s3_local"].append(loader_rate(*local)[0])
-                    rate, _, cpu, server = loader_rate(uris, *local[1:], server=moto)
+                    rate, _, cpu, server, _ = loader_rate(uris, *local[1:], server=moto)
                     record(runs, s3=rate, s3_cpu=cpu, s3_server_cpu=server)
         large = write_shards(Path(tmp) / "large", 10 * rows, size=size)
         rss_small, rss_large = peak_rss_mb(paths, args.batch, 10), peak_rss_mb(large, args.batch)
@@ -299,7 +311,9 @@ def main() -> None:
                     runs["ray_data"].append(ray_data_rate(paths, args.batch))
                     runs["ray_data_u8"].append(ray_data_rate(paths, args.batch, as_float=False))
     out = _summary(runs, threads, args.s3_workers) | {"images": rows, "image_size": size, "batch": args.batch}
-    out |= {"workers": args.workers, "decode_threads": threads}
+    from facepipe.data.formats.decode_into import batch_decoder_built
+
+    out |= {"workers": args.workers, "decode_threads": threads, "batch_decoder": batch_decoder_built()}
     out |= {"cpu_normalise_images_s": round(cpu_normalise_rate(args.batch, size), 1)}
     out |= {"rss_images_small": rows, "rss_images_large": 10 * rows, "rss_window_rows": 2 * args.batch}
     out |= {"rss_mb_small": round(rss_small, 1), "rss_mb_large": round(rss_large, 1)}
@@ -322,10 +336,15 @@ def _summary(runs: dict[str, list[float]], threads: int, s3_workers: int) -> dic
     per_cpu = {k: [1 / c for c in runs[k]] for k in ("thread_cpu", "decode_cpu", "s3_cpu")}  # images/CPU-s
     out = best_and_median("images_s", runs["thread"]) | best_and_median("baseline_images_s", runs["base"])
     out |= ratio("ratio", runs["thread"], runs["base"])
+    out |= best_and_median("images_s_first_epoch", runs["thread_first_epoch"])
+    out |= ratio("ratio_vs_decode_only_first_epoch", runs["thread_first_epoch"], runs["decode"], threads)
     out |= best_and_median("decode_only_images_s", runs["decode"])
     out |= ratio("ratio_vs_decode_only", runs["thread"], runs["decode"], threads)
     out |= best_and_median("images_s_one_thread", runs["thread1"])
     out |= ratio("ratio_vs_decode_only_one_thread", runs["thread1"], runs["decode"])
+    if runs["per_image"]:
+        out |= best_and_median("images_s_per_image_decoder", runs["per_image"])
+        out |= ratio("ratio_vs_decode_only_per_image_decoder", runs["per_image"], runs["decode"], threads)
     out |= best_and_median("simplejpeg_decode_only_images_s", runs["simplejpeg"])
     out |= ratio("simplejpeg_vs_cv2_decode_only", runs["simplejpeg"], runs["decode"])
     out["loader_cpu_us_per_image"] = round(min(runs["thread_cpu"]) * 1e6, 1)

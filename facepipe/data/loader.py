@@ -12,12 +12,14 @@ per-block scheduling cost more than the decoding itself (see bench/loader.py). T
 * A reader thread (`facepipe.data.loader_read.ReadAhead`) fetches the row groups in the order the
   plan first needs them, about two windows ahead of the decoders, and drops each after its last batch:
   each group is read once per epoch, memory stays bounded, and object-storage latency overlaps the
-  decoding. Payloads are numpy views of the Arrow buffer (no Python object per image).
-* Each batch is one task of a pool sized to the cores the worker was given. A task decodes its batch
-  image by image into the batch's preallocated memory (`facepipe.data.formats.decode_into`: the JPEG
-  decoder writes RGB straight into the image's slot), flipped in place where the plan says so.
-  - `mode="thread"` (default): decoders are threads; the decoders release the GIL, but every image
-    still takes it back a few times, and the hand-overs cost more as threads are added.
+  decoding. Payloads are numpy views of the Arrow buffer (no Python object per image). The next
+  epoch's reader starts while an epoch's last batches decode, so epochs do not wait for it.
+* Each batch is one task of a pool sized to the cores the worker was given (`loader_decode`). A task
+  decodes its batch into the batch's preallocated memory, flipped in place where the plan says so
+  (`facepipe.data.formats.decode_into.decode_many`: a C extension decodes the batch's plain JPEGs
+  straight into their slots with the GIL released once; the rest go image by image).
+  - `mode="thread"` (default): decoders are threads. With the C decoder they take the GIL once per
+    batch; without it (not built) every image takes it back, which costs more as threads are added.
   - `mode="process"`: decoders are processes that decode into shared memory
     (`facepipe.data.loader_shared`): no GIL between them and no pixels through a pipe, for one copy
     out of shared memory per batch. They read their row groups themselves (`cache_groups`).
@@ -44,11 +46,10 @@ from typing import Any
 
 import numpy as np
 
-from facepipe.data.formats.decode_into import decode_into
+from facepipe.data.loader_decode import decode_batch, decode_rows, decode_to_slot
 from facepipe.data.loader_plan import Unit, batch_pieces, decode_workers, epoch_plan, group_by_unit
-from facepipe.data.loader_read import BinaryColumn as _BinaryColumn
-from facepipe.data.loader_read import ReadAhead, cached_group
-from facepipe.data.loader_shared import SharedSlots, slot_view
+from facepipe.data.loader_read import ReadAhead
+from facepipe.data.loader_shared import SharedSlots
 from facepipe.data.worker_pool import die_with_parent
 from facepipe.errors import DataError, FacepipeError
 
@@ -90,90 +91,6 @@ def shard_units(paths: Sequence[str | os.PathLike]) -> list[Unit]:
             if rows:
                 units.append(Unit(str(path), rg, rows))
     return units
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding (runs in pool threads or processes; imports nothing heavy at module level)
-# ---------------------------------------------------------------------------------------------
-
-
-def _decode_piece(
-    column: _BinaryColumn, rows: np.ndarray, flips: np.ndarray, rgb: bool, out: np.ndarray, unit: Unit
-) -> None:
-    """Decode `rows` of one row group into `out[0:len(rows)]` (uint8 NHWC), flipped where `flips`."""
-    import cv2
-
-    starts, ends = column.spans(rows)
-    data = column.data
-    # per image: a slice, the decode into its slot and, for half of them, an in-place flip (the
-    # decoders release the GIL, so the Python between them is what the threads share)
-    for k, (a, b, flip) in enumerate(zip(starts, ends, flips.tolist(), strict=True)):
-        problem = decode_into(data[a:b], out[k], rgb)
-        if problem is not None:
-            raise DataError(problem, path=unit.path, record=f"row group {unit.row_group}, row {rows[k]}")
-        if flip:
-            cv2.flip(out[k], 1, dst=out[k])
-
-
-def decode_rows(
-    pieces: Sequence[tuple[str, int, np.ndarray]],
-    flips: np.ndarray,
-    size: tuple[int, int],
-    color_order: str,
-    cache_groups: int = 4,
-    out: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decode the rows named by `pieces` ((shard, row group, row indices) in batch order).
-
-    Returns uint8 NHWC images resized to `size` (height, width) in `color_order`, horizontally flipped
-    where `flips` is true, and int64 labels. The images are written into `out` when given (e.g. a
-    pinned batch buffer), else into one array allocated here. A row that does not decode raises
-    `DataError` naming the shard and the row.
-    """
-    height, width = size
-    total = sum(len(rows) for _, _, rows in pieces)
-    shape = (total, height, width, 3)
-    if out is None:
-        out = np.empty(shape, dtype=np.uint8)
-    elif out.shape != shape or out.dtype != np.uint8:
-        raise FacepipeError(f"batch buffer is {out.dtype} {out.shape}, decoding needs uint8 {shape}")
-    labels = np.empty(total, dtype=np.int64)
-    rgb, flips, i = color_order == "RGB", np.asarray(flips, dtype=bool), 0
-    for path, rg, rows in pieces:
-        column, label_values = cached_group(path, rg, cache_groups)
-        rows = np.asarray(rows, dtype=np.int64)
-        n = len(rows)
-        labels[i : i + n] = label_values[rows]
-        _decode_piece(column, rows, flips[i : i + n], rgb, out[i : i + n], Unit(path, rg, 0))
-        i += n
-    return out, labels
-
-
-def _decode_to_slot(
-    block: str, slot: int, pieces: list, flips: np.ndarray, size: tuple[int, int], order: str, cache: int
-) -> np.ndarray:
-    """A process-mode task: decode a batch into its slot of the shared block; only the labels go back."""
-    out = slot_view(block, slot, (len(flips), *size, 3))
-    return decode_rows(pieces, flips, size, order, cache, out)[1]
-
-
-def _decode_batch(
-    reads: ReadAhead,
-    groups: list[tuple[int, np.ndarray]],
-    flips: np.ndarray,
-    rgb: bool,
-    out: np.ndarray,
-    labels: np.ndarray,
-) -> None:
-    """One pool task: a whole batch (per-task hand-off costs are paid once per batch, not per image)."""
-    i = 0
-    for unit, rows in groups:
-        column, label_values = reads.get(unit)
-        n = len(rows)
-        labels[i : i + n] = label_values[rows]
-        _decode_piece(column, rows, flips[i : i + n], rgb, out[i : i + n], reads.units[unit])
-        i += n
-    reads.release([unit for unit, _ in groups])
 
 
 def normalise_array(images: np.ndarray) -> np.ndarray:
@@ -239,6 +156,8 @@ class ShardLoader:
     was given (Ray's assignment, else the affinity mask); a number is capped at those cores. Up to
     `prefetch` + `workers` batches are decoded or decoding ahead of the consumer; in thread mode the
     row groups are read about 2 × `window_rows` rows ahead of those (`cache_groups`: process mode only).
+    Once an epoch's last batch is handed to the decoders, thread mode starts reading the next epoch's
+    first row groups, so consecutive epochs (a training run) do not wait for the reader at each start.
     """
 
     def __init__(
@@ -289,6 +208,7 @@ class ShardLoader:
                 f"on each of {world_size} workers; lower the batch size"
             )
         self._pool: cf.Executor | None = None
+        self._next_reads: tuple[int, ReadAhead] | None = None  # (epoch, its reader) started early
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -318,6 +238,7 @@ class ShardLoader:
         return self._pool
 
     def close(self) -> None:
+        self._drop_next_reads()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -328,16 +249,38 @@ class ShardLoader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _reads_ahead(self) -> int:
+        # two windows of batches ahead: one covers the groups a window touches on a local disk;
+        # on object storage a second hides the requests' latency (bench/loader.py, ratio_s3_vs_local)
+        return 2 * math.ceil(self.window_rows / self.batch_size) + 1
+
+    def _drop_next_reads(self) -> None:
+        if self._next_reads is not None:
+            self._next_reads[1].close()
+            self._next_reads = None
+
+    def _reader(self, epoch: int, start_batch: int, unit_idx: np.ndarray) -> ReadAhead:
+        """The epoch's reader: the one started during the previous epoch when it is this one's."""
+        early, self._next_reads = self._next_reads, None
+        if early is not None and early[0] == epoch and start_batch == 0:
+            return early[1]
+        if early is not None:
+            early[1].close()
+        bs = self.batch_size
+        return ReadAhead(self.units, unit_idx[start_batch * bs :], bs, self._reads_ahead())
+
+    def _read_next_epoch(self, epoch: int) -> None:
+        if self._next_reads is None:
+            reader = ReadAhead(self.units, self.plan(epoch)[0], self.batch_size, self._reads_ahead())
+            self._next_reads = (epoch, reader)
+
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches `start_batch..steps_per_epoch-1` of `epoch`, decoded ahead in the background."""
         unit_idx, row_idx, flips = self.plan(epoch)
         pool, pin, size, bs = self._executor(), _pinned(), self.input_size, self.batch_size
         reads, slots = None, None
         if self.mode == "thread":
-            # two windows of batches ahead: one covers the groups a window touches on a local disk;
-            # on object storage a second hides the requests' latency (bench/loader.py, ratio_s3_vs_local)
-            ahead = 2 * math.ceil(self.window_rows / bs) + 1
-            reads = ReadAhead(self.units, unit_idx[start_batch * bs :], bs, ahead)
+            reads = self._reader(epoch, start_batch, unit_idx)
         else:  # decoders write into shared memory: the pixels cross no pipe
             slots = SharedSlots(self.prefetch + self.workers, (bs, *size, 3))
         rgb = self.color_order == "RGB"
@@ -348,13 +291,13 @@ class ShardLoader:
                 pieces, order = batch_pieces(self.units, unit_idx[sl], row_idx[sl])
                 args = (pieces, flips[sl][order], size, self.color_order, self.cache_groups)
                 slot = slots.take()
-                return b, slot, None, pool.submit(_decode_to_slot, slots.name, slot, *args)
+                return b, slot, None, pool.submit(decode_to_slot, slots.name, slot, *args)
             groups, order = group_by_unit(unit_idx[sl], row_idx[sl])
             # threads decode straight into the batch's (pinned) memory: no copy after decoding
             images, array = _batch_buffer((bs, *size, 3), pin)
             labels = np.empty(bs, dtype=np.int64)
             reads.allow(b - start_batch + 1)
-            fut = pool.submit(_decode_batch, reads, groups, flips[sl][order], rgb, array, labels)
+            fut = pool.submit(decode_batch, reads, groups, flips[sl][order], rgb, array, labels)
             return b, images, labels, fut
 
         pending: collections.deque[tuple[int, Any, Any, cf.Future]] = collections.deque()
@@ -365,6 +308,8 @@ class ShardLoader:
                 while nxt < self.steps_per_epoch and len(pending) < self.prefetch + self.workers:
                     pending.append(submit(nxt))
                     nxt += 1
+                    if nxt == self.steps_per_epoch and reads is not None:
+                        self._read_next_epoch(epoch + 1)  # while this epoch's last batches decode
                 if not pending:
                     return
                 b, images, labels, fut = pending.popleft()

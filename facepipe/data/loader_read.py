@@ -51,12 +51,12 @@ class BinaryColumn:
             return None
         return self.data[self.offsets[row] : self.offsets[row + 1]]
 
-    def spans(self, rows: np.ndarray) -> tuple[list[int], list[int]]:
-        """(starts, ends) of `rows` in `data`, as Python ints; a null row gets an empty span."""
-        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+    def spans(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, ends) of `rows` in `data`, int64; a null row gets an empty span."""
+        starts, ends = self.offsets[rows].astype(np.int64), self.offsets[rows + 1].astype(np.int64)
         if self.valid is not None:
             ends = np.where(self.valid[rows], ends, starts)
-        return starts.tolist(), ends.tolist()
+        return starts, ends
 
 
 def open_shard(path: str) -> Any:
@@ -139,6 +139,10 @@ class ReadAhead:
             if group is None:
                 raise self._error if self._error is not None else DataError("loader closed")
             return group
+
+    def ready(self, unit: int) -> bool:
+        """Whether `unit` is read (a glance without waiting: a dict lookup is atomic)."""
+        return unit in self._groups
 
     def release(self, units: Sequence[int]) -> None:
         """A batch that used `units` is decoded: drop the groups no later batch needs."""

@@ -174,10 +174,10 @@ def test_stopping_early_leaves_no_thread_behind(shards):
 
 
 def test_binary_column_views_match_arrow_values():
-    from facepipe.data.loader import _BinaryColumn
+    from facepipe.data.loader_read import BinaryColumn
 
     for kind in (pa.binary(), pa.large_binary()):
         array = pa.array([b"ab", None, b"cde", b"", b"f"], kind).slice(1)  # a slice keeps absolute offsets
-        column = _BinaryColumn(array)
+        column = BinaryColumn(array)
         got = [None if column[i] is None else bytes(column[i]) for i in range(len(array))]
         assert got == array.to_pylist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import threading
 from pathlib import Path
@@ -41,27 +42,43 @@ def test_same_batches_as_before_for_the_same_seed(tmp_path):
     assert _digest(write_shards(tmp_path)) == BEFORE
 
 
-def _count_reads(monkeypatch) -> list[tuple[str, int]]:
-    reads: list[tuple[str, int]] = []
+def test_each_row_group_is_read_once_per_epoch(tmp_path, monkeypatch):
+    """Every epoch's reader reads each group once, the next epoch's included: it starts while an
+    epoch's last batches decode (so its reads overlap that epoch) and the next `epoch()` takes it."""
+    paths = write_shards(tmp_path, n_shards=4, rows=40, row_group=10)
+    by_reader: dict[threading.Thread, list] = collections.defaultdict(list)
     real = loader_read.read_group
 
     def counting(handle, path, row_group):
-        reads.append((path, row_group))
+        by_reader[threading.current_thread()].append((path, row_group))
         return real(handle, path, row_group)
 
     monkeypatch.setattr(loader_read, "read_group", counting)
-    return reads
-
-
-def test_each_row_group_is_read_once_per_epoch(tmp_path, monkeypatch):
-    paths = write_shards(tmp_path, n_shards=4, rows=40, row_group=10)
-    reads = _count_reads(monkeypatch)
     with ShardLoader(paths, batch_size=8, input_size=(16, 16), window_rows=24) as loader:
-        for epoch in range(2):
-            reads.clear()
+        every = sorted((u.path, u.row_group) for u in loader.units)
+        for epoch in range(3):
             batches = list(loader.epoch(epoch))
             assert len(batches) == len(loader)
-            assert sorted(reads) == sorted((u.path, u.row_group) for u in loader.units)
+            assert loader._next_reads is not None and loader._next_reads[0] == epoch + 1
+        early = loader._next_reads[1]
+    assert not early._thread.is_alive()  # close() stops the reader of the epoch that never came
+    assert len(by_reader) == 4
+    readers = list(by_reader.values())
+    assert all(sorted(reads) == every for reads in readers[:3])
+
+
+def test_an_early_reader_is_used_only_by_the_epoch_it_was_started_for(tmp_path):
+    paths = write_shards(tmp_path, n_shards=2, rows=40, row_group=10)
+    with ShardLoader(paths, batch_size=8, input_size=(16, 16), window_rows=24) as fresh:
+        expected = {e: [b.labels.tolist() for b in fresh.epoch(e, start)] for e, start in ((1, 0), (2, 3))}
+    with ShardLoader(paths, batch_size=8, input_size=(16, 16), window_rows=24) as loader:
+        list(loader.epoch(0))
+        early = loader._next_reads[1]
+        assert [b.labels.tolist() for b in loader.epoch(1)] == expected[1]  # took the early reader
+        assert loader._next_reads[1] is not early
+        stale = loader._next_reads[1]  # for epoch 2 from its start; a resume at batch 3 reads anew
+        assert [b.labels.tolist() for b in loader.epoch(2, start_batch=3)] == expected[2]
+        assert not stale._thread.is_alive()
 
 
 def _peak_held(paths: list[Path], monkeypatch) -> int:
