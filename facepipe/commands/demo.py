@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a parameter (repeatable), applied after the demo's own sizes",
     )  # fmt: skip
-    parser.add_argument("--cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs for the local Ray (default: all usable)")
     parser.set_defaults(func=run)
 
 
@@ -94,8 +94,10 @@ def _terminate_as_exit(signum: int, _frame: object) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from facepipe import services
+    from facepipe.cores import available_cores
 
     repo = _repo_root()
+    cpus = args.cpus or available_cores()  # a container's CPU quota, not the node's core count
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     params = workdir / "params.yaml"
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = [
         *DEMO_OVERRIDES,
         # two single-threaded DDP workers train ~35% faster than one worker with two threads on 2 cores
-        f"train_backbone.scaling.num_workers={min(2, args.cpus or os.cpu_count() or 1)}",
+        f"train_backbone.scaling.num_workers={min(2, cpus)}",
         f"tracking.tracking_uri={mlflow['tracking_uri']}",
         *args.overrides,
     ]
@@ -123,8 +125,8 @@ def run(args: argparse.Namespace) -> int:
         _say("starting a Prefect server on 127.0.0.1 (SQLite)")
         prefect = services.start_prefect_server(workdir / "prefect")
         handles.append(prefect)
-        _say(f"starting a local Ray head ({args.cpus or os.cpu_count()} CPUs)")
-        ray = services.start_ray_head(num_cpus=args.cpus)
+        _say(f"starting a local Ray head ({cpus} CPUs)")
+        ray = services.start_ray_head(num_cpus=cpus)
         handles.append(ray)
         _say("preparing the DVC project and its local remote")
         services.ensure_dvc_repo(workdir, workdir / "dvc-remote")

@@ -49,12 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from facepipe.cores import available_cores
     from facepipe.data.synth.generate import generate
     from facepipe.errors import FacepipeError
     from facepipe.progress import summary
 
     cfg = options.load(args).synth
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or available_cores()
     kinds = cfg.protocol_kinds
     if args.protocols_only and not kinds:
         raise FacepipeError("--protocols-only needs --protocols (synth.protocols) ijb, video or ijb,video")

@@ -6,12 +6,13 @@ same plan and resuming at batch k of an epoch decodes nothing before it.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from facepipe.cores import available_cores
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ def read_schedule(unit_idx: np.ndarray, batch_size: int) -> tuple[list[tuple[int
 
 
 def assigned_cores() -> int:
-    """CPU cores this worker may use: Ray's assignment inside a Ray task/actor, else the affinity mask."""
+    """CPU cores this worker may use: Ray's assignment inside a Ray task/actor, else the affinity mask
+    capped by the container's CPU quota (`facepipe.cores`)."""
     ray = sys.modules.get("ray")  # only a process that already runs Ray can be inside a Ray worker
     if ray is not None and ray.is_initialized():
         try:
@@ -119,10 +121,7 @@ def assigned_cores() -> int:
             cpus = None
         if cpus:
             return max(int(cpus), 1)
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:  # platforms without affinity masks
-        return os.cpu_count() or 1
+    return available_cores()
 
 
 def decode_workers(requested: int | None) -> int:

@@ -174,3 +174,48 @@ def test_real_photos_in_one_batch_per_size(faces_dir: Path):
     assert decode_many(*_column(payloads, groups=4), flips, out, False) is None
     for k, payload in enumerate(payloads):
         assert np.array_equal(out[k], _expected(payload, (112, 112, 3), False, bool(flips[k]))), files[k]
+
+
+_MIRROR_CHECK = """
+import sys
+import cv2, numpy as np
+from facepipe.data.formats import _jpeg_batch
+from tests.unit.test_decode_many import _column
+widths = [*range(1, 41), 111, 112, 113, 250]
+failed = []
+for w in widths:
+    rng = np.random.default_rng(w)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (9, w, 3), dtype=np.uint8), (0, 0), 1)
+    payload = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    # the batch sits at the end of a larger buffer: a write past its last row would hit the guard
+    memory = np.full(2 * 9 * w * 3 + 64, 77, np.uint8)
+    out = memory[: 2 * 9 * w * 3].reshape(2, 9, w, 3)
+    flips = np.array([1, 1], np.uint8)
+    status = _jpeg_batch.decode_batch(*_column([payload, payload]), flips, out, 9, w, False)
+    want = cv2.flip(cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR), 1)
+    if status != bytes(2) or not (out == want).all() or not (memory[out.size :] == 77).all():
+        failed.append(w)
+print(_jpeg_batch.SIMD_MIRROR, failed)
+"""
+
+
+@needs_c
+@pytest.mark.parametrize("plain", ["0", "1"], ids=["simd", "plain-loop"])
+def test_mirrored_rows_of_every_width_match_cv2_flip(plain):
+    """The mirror's vector steps (five pixels) and the plain loop after them, across widths around
+    the step and the row end, with nothing written past the batch. Each path runs in a process of its
+    own: which one the module takes is fixed at import."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "FACEPIPE_PLAIN_MIRROR": plain}
+    run = subprocess.run(
+        [sys.executable, "-c", _MIRROR_CHECK], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    simd, failed = run.stdout.split(maxsplit=1)
+    assert failed.strip() == "[]"
+    import platform
+
+    assert simd == ("1" if plain == "0" and platform.machine() in ("x86_64", "AMD64", "i686") else "0")

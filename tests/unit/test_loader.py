@@ -134,11 +134,10 @@ def test_decodes_into_the_given_batch_buffer(shards):
 
 
 def test_decode_pool_follows_the_cores_given():
-    import os
-
+    from facepipe.cores import available_cores
     from facepipe.data.loader_plan import assigned_cores, decode_workers
 
-    cores = len(os.sched_getaffinity(0))  # outside Ray: the affinity mask
+    cores = available_cores()  # outside Ray: the affinity mask, capped by a container's CPU quota
     assert assigned_cores() == cores
     assert decode_workers(None) == decode_workers(0) == cores
     assert decode_workers(cores + 5) == cores and decode_workers(1) == 1
