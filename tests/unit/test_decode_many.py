@@ -6,6 +6,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import io
 import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -177,7 +180,6 @@ def test_real_photos_in_one_batch_per_size(faces_dir: Path):
 
 
 _MIRROR_CHECK = """
-import sys
 import cv2, numpy as np
 from facepipe.data.formats import _jpeg_batch
 from tests.unit.test_decode_many import _column
@@ -205,9 +207,6 @@ def test_mirrored_rows_of_every_width_match_cv2_flip(plain):
     """The mirror's vector steps (five pixels) and the plain loop after them, across widths around
     the step and the row end, with nothing written past the batch. Each path runs in a process of its
     own: which one the module takes is fixed at import."""
-    import subprocess
-    import sys
-
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "FACEPIPE_PLAIN_MIRROR": plain}
     run = subprocess.run(
@@ -216,6 +215,4 @@ def test_mirrored_rows_of_every_width_match_cv2_flip(plain):
     assert run.returncode == 0, run.stderr
     simd, failed = run.stdout.split(maxsplit=1)
     assert failed.strip() == "[]"
-    import platform
-
     assert simd == ("1" if plain == "0" and platform.machine() in ("x86_64", "AMD64", "i686") else "0")

@@ -97,9 +97,9 @@ static void mirror_image(uint8_t *dst, const uint8_t *src, JDIMENSION height, JD
     }
 }
 
-/* One image into `target` (its slot, or the scratch image a mirrored one is copied from);
- * DECODED or LEFT_TO_PYTHON. The setjmp lives here so that nothing the
- * longjmp skips over is a local the caller still needs. */
+/* One image into `target` (its slot, or the scratch image a mirrored one is copied from); DECODED or
+ * LEFT_TO_PYTHON. The setjmp lives here so that nothing the longjmp skips over is a local the caller
+ * still needs. */
 static int decode_one(struct jpeg_decompress_struct *cinfo, bail_out *err, const uint8_t *p, size_t n,
                       uint8_t *target, JSAMPROW *rows, JDIMENSION height, JDIMENSION width,
                       J_COLOR_SPACE order) {
